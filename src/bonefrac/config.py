@@ -1,0 +1,239 @@
+"""Typed, frozen settings loaded from params.yaml (+ a profile, + environment overrides).
+
+One object feeds the CLI, the DVC stages and the Prefect flows, so a run is described by
+exactly one set of values. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bonefrac.errors import UserError
+
+MURA_PARTS = (
+    "XR_ELBOW",
+    "XR_FINGER",
+    "XR_FOREARM",
+    "XR_HAND",
+    "XR_HUMERUS",
+    "XR_SHOULDER",
+    "XR_WRIST",
+)
+
+# Environment variables that override single settings (paths and services differ per machine).
+ENV_OVERRIDES = {
+    "BONEFRAC_DATA": ("paths", "data"),
+    "BONEFRAC_ARTIFACTS": ("paths", "artifacts"),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PathsConfig(_Section):
+    data: Path = Path("data")
+    artifacts: Path = Path("artifacts")
+
+
+class DataConfig(_Section):
+    parts: tuple[str, ...] = ("XR_ELBOW", "XR_HAND", "XR_SHOULDER")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 42
+
+    @field_validator("parts")
+    @classmethod
+    def _known_parts(cls, parts: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in parts if p not in MURA_PARTS]
+        if unknown:
+            raise ValueError(f"unknown MURA part(s) {unknown}; choose from {list(MURA_PARTS)}")
+        if not parts:
+            raise ValueError("at least one part is needed")
+        return parts
+
+
+class PreprocessConfig(_Section):
+    image_size: int = Field(224, ge=16, le=1024)
+    clahe: bool = True
+    clahe_clip_limit: float = Field(2.0, gt=0)
+    clahe_tile_grid: int = Field(8, ge=1)
+    gaussian_kernel: int = Field(5, ge=0)
+    gaussian_sigma: float = Field(1.0, gt=0)
+    workers: int = Field(0, ge=0)
+
+    @field_validator("gaussian_kernel")
+    @classmethod
+    def _odd_kernel(cls, k: int) -> int:
+        if k != 0 and k % 2 == 0:
+            raise ValueError("must be odd (or 0 to disable the filter)")
+        return k
+
+
+class PcaConfig(_Section):
+    image_size: int = Field(32, ge=4, le=256)
+    n_components: int = Field(32, ge=2)
+    ood_percentile: float = Field(99.5, gt=50, le=100)
+    incremental_above: int = Field(5000, ge=1)
+    seed: int = 42
+
+
+class TrainConfig(_Section):
+    weights: str = "imagenet"
+    batch_size: int = Field(32, ge=1)
+    head_epochs: int = Field(3, ge=0)
+    finetune_epochs: int = Field(10, ge=0)
+    finetune_layers: int = Field(30, ge=0)
+    head_learning_rate: float = Field(1e-3, gt=0)
+    finetune_learning_rate: float = Field(1e-4, gt=0)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    bn_momentum: float = Field(0.99, gt=0, lt=1)
+    patience: int = Field(3, ge=1)
+    augment: bool = True
+    class_weights: bool = True
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"
+    mixed_precision: bool = False
+    seed: int = 42
+
+
+class EvaluateConfig(_Section):
+    threshold_method: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.9, gt=0, lt=1)
+    uncertain_band: float = Field(0.1, ge=0, lt=0.5)
+    bootstrap_samples: int = Field(1000, ge=10)
+    seed: int = 42
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    max_upload_mb: float = Field(20, gt=0)
+    max_pixels: int = Field(40_000_000, ge=1)
+    min_side: int = Field(32, ge=1)
+    ood_gate: bool = True
+
+
+class Settings(_Section):
+    profile: str | None = None
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    pca: PcaConfig = PcaConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @property
+    def mura_root(self) -> Path:
+        """The MURA-v1.1 folder under the data path."""
+        return self.paths.data / "MURA-v1.1"
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened `section.key -> value` view, as logged to MLflow."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json").items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    out[f"{section}.{key}"] = value
+            else:
+                out[section] = values
+        return out
+
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the given sections, for cache keys and registry tags."""
+        dump = self.model_dump(mode="json")
+        payload = json.dumps({s: dump[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{source}: {key}: {message}"
+
+
+def find_params(start: Path | None = None) -> Path | None:
+    """params.yaml in the working directory or the nearest parent that has one."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / "params.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(
+    params_path: Path | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Load settings: params.yaml, then the profile, then environment, then explicit overrides.
+
+    `overrides` is nested like params.yaml (`{"train": {"epochs": 1}}`). Relative paths are
+    resolved against the folder holding params.yaml so every caller sees the same files.
+    Raises UserError with one line naming the bad key.
+    """
+    env = dict(os.environ) if env is None else env
+    params_path = params_path or find_params()
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    source = "settings"
+    if params_path is not None:
+        params_path = Path(params_path)
+        if not params_path.is_file():
+            raise UserError(f"{params_path} not found: pass --params pointing at a params.yaml")
+        try:
+            raw = yaml.safe_load(params_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{params_path} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{params_path} must be a mapping of sections")
+        base_dir = params_path.resolve().parent
+        source = str(params_path)
+
+    profiles = raw.pop("profiles", {}) or {}
+    profile = profile or env.get("BONEFRAC_PROFILE") or None
+    if profile:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none defined"
+            raise UserError(f"unknown profile {profile!r} (known: {known})")
+        raw = _deep_merge(raw, profiles[profile])
+        raw["profile"] = profile
+
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env.get(var):
+            raw.setdefault(section, {})[key] = env[var]
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_validation_error(exc, source)) from None
+
+    paths = {
+        name: value if value.is_absolute() else base_dir / value
+        for name, value in settings.paths.model_dump().items()
+    }
+    return settings.model_copy(update={"paths": PathsConfig(**paths)})

@@ -1,0 +1,1 @@
+"""Data: MURA manifest and splits, synthetic MURA, validation, versioning."""
