@@ -21,3 +21,43 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> Path:
+    """A small SYNTHETIC MURA (exact layout and CSVs), shared read-only by the session."""
+    from bonefrac.data import synthetic
+
+    base = tmp_path_factory.mktemp("demo-data")
+    synthetic.generate(base, patients=8, size=96, seed=0)
+    return base
+
+
+@pytest.fixture(scope="session")
+def quick_settings_factory(project_root):
+    """Quick-profile settings pointed at temp data/artifacts folders."""
+    from bonefrac.config import load_settings
+
+    def make(data: Path, artifacts: Path, **overrides):
+        nested = {"paths": {"data": str(data), "artifacts": str(artifacts)}}
+        for dotted, value in overrides.items():
+            section, key = dotted.split(".")
+            nested.setdefault(section, {})[key] = value
+        return load_settings(project_root / "params.yaml", profile="quick", overrides=nested, env={})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_data_dir, quick_settings_factory, tmp_path_factory):
+    """Manifest + preprocessed cache of the demo data (quick profile, 64 px)."""
+    from bonefrac.cache import build_cache, load_cache
+    from bonefrac.data import mura
+
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    settings = quick_settings_factory(demo_data_dir, artifacts, **{"data.val_fraction": 0.2})
+    result = mura.build_manifest(settings.paths.data, settings.data)
+    mura.write_manifest(result.frame, settings.layout.manifest)
+    build_cache(result.frame, result.data_dir, settings.layout.preprocessed, settings.preprocess,
+                progress=False)
+    return settings, load_cache(settings.layout.preprocessed)

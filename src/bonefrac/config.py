@@ -32,6 +32,8 @@ MURA_PARTS = (
 ENV_OVERRIDES = {
     "BONEFRAC_DATA": ("paths", "data"),
     "BONEFRAC_ARTIFACTS": ("paths", "artifacts"),
+    "MLFLOW_TRACKING_URI": ("tracking", "tracking_uri"),
+    "MLFLOW_EXPERIMENT_NAME": ("tracking", "experiment"),
 }
 
 
@@ -42,6 +44,8 @@ class _Section(BaseModel):
 class PathsConfig(_Section):
     data: Path = Path("data")
     artifacts: Path = Path("artifacts")
+    mlflow_db: Path = Path("mlflow.db")  # embedded store, unless MLFLOW_TRACKING_URI is set
+    mlflow_artifacts: Path = Path("mlartifacts")
 
 
 class DataConfig(_Section):
@@ -85,6 +89,12 @@ class PcaConfig(_Section):
     seed: int = 42
 
 
+class TrackingConfig(_Section):
+    experiment: str = "bonefrac"
+    tracking_uri: str | None = None  # None: sqlite:///<paths.mlflow_db>; env MLFLOW_TRACKING_URI wins
+    log_models: bool = True  # mlflow.keras.log_model for every trained model
+
+
 class TrainConfig(_Section):
     weights: str = "imagenet"
     batch_size: int = Field(32, ge=1)
@@ -120,6 +130,47 @@ class ServeConfig(_Section):
     ood_gate: bool = True
 
 
+class Layout(BaseModel):
+    """Where each stage writes, under paths.artifacts (one place for every path)."""
+
+    model_config = ConfigDict(frozen=True)
+    artifacts: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.artifacts / "manifest.csv"
+
+    @property
+    def validation(self) -> Path:
+        return self.artifacts / "validation"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.artifacts / "preprocessed"
+
+    @property
+    def pca(self) -> Path:
+        return self.artifacts / "pca"
+
+    @property
+    def models(self) -> Path:
+        return self.artifacts / "models"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.artifacts / "evaluation"
+
+    @property
+    def metrics(self) -> Path:
+        """Small JSON metrics per stage, for `dvc metrics show` (kept outside stage outs)."""
+        return self.artifacts / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        """CSV plot data per stage, for `dvc plots show`."""
+        return self.artifacts / "plots"
+
+
 class Settings(_Section):
     profile: str | None = None
     paths: PathsConfig = PathsConfig()
@@ -129,11 +180,16 @@ class Settings(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def mura_root(self) -> Path:
         """The MURA-v1.1 folder under the data path."""
         return self.paths.data / "MURA-v1.1"
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(artifacts=self.paths.artifacts)
 
     def flat(self) -> dict[str, Any]:
         """Flattened `section.key -> value` view, as logged to MLflow."""
@@ -213,7 +269,8 @@ def load_settings(
         source = str(params_path)
 
     profiles = raw.pop("profiles", {}) or {}
-    profile = profile or env.get("BONEFRAC_PROFILE") or None
+    profile = profile or env.get("BONEFRAC_PROFILE") or raw.pop("profile", None) or None
+    raw.pop("profile", None)
     if profile:
         if profile not in profiles:
             known = ", ".join(sorted(profiles)) or "none defined"
