@@ -43,7 +43,9 @@ def quick_settings_factory(project_root):
         for dotted, value in overrides.items():
             section, key = dotted.split(".")
             nested.setdefault(section, {})[key] = value
-        return load_settings(project_root / "params.yaml", profile="quick", overrides=nested, env={})
+        return load_settings(
+            project_root / "params.yaml", profile="quick", overrides=nested, env={}
+        )
 
     return make
 
@@ -58,6 +60,11 @@ def demo_cache(demo_data_dir, quick_settings_factory, tmp_path_factory):
     settings = quick_settings_factory(demo_data_dir, artifacts, **{"data.val_fraction": 0.2})
     result = mura.build_manifest(settings.paths.data, settings.data)
     mura.write_manifest(result.frame, settings.layout.manifest)
-    build_cache(result.frame, result.data_dir, settings.layout.preprocessed, settings.preprocess,
-                progress=False)
+    build_cache(
+        result.frame,
+        result.data_dir,
+        settings.layout.preprocessed,
+        settings.preprocess,
+        progress=False,
+    )
     return settings, load_cache(settings.layout.preprocessed)

@@ -98,10 +98,20 @@ def manifest(ctx: click.Context, data: Path | None, out: Path | None) -> None:
     default=None,
     help="Folder to create MURA-v1.1/ in (default: paths.data).",
 )
-@click.option("--patients", type=click.IntRange(min=2), default=24, show_default=True,
-              help="Patients per body part and MURA split (train gets this many, valid half).")
-@click.option("--size", type=click.IntRange(min=32, max=2048), default=256, show_default=True,
-              help="Typical image side in pixels (sizes vary around it).")
+@click.option(
+    "--patients",
+    type=click.IntRange(min=2),
+    default=24,
+    show_default=True,
+    help="Patients per body part and MURA split (train gets this many, valid half).",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=32, max=2048),
+    default=256,
+    show_default=True,
+    help="Typical image side in pixels (sizes vary around it).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_context
 def demo_data(ctx: click.Context, out: Path | None, patients: int, size: int, seed: int) -> None:
@@ -132,25 +142,109 @@ def demo_data(ctx: click.Context, out: Path | None, patients: int, size: int, se
 @click.pass_context
 def validate_data(ctx: click.Context, data: Path | None, manifest_csv: Path | None) -> None:
     """Check the manifest and every image with Great Expectations; write a Data Docs report
-    and validation.json to <artifacts>/validation. Exit 1 when the data fails."""
+    to <artifacts>/validation and, when the data passes, the manifest. Exit 1 when it fails."""
     from bonefrac.data import mura
     from bonefrac.data.validate import validate
+    from bonefrac.stages import run_validate
 
     settings = _settings(ctx, **{"paths.data": data})
-    if manifest_csv is not None:
-        frame, data_dir = mura.read_manifest(manifest_csv), settings.paths.data
-        if not (data_dir / "MURA-v1.1").is_dir() and data_dir.name == "MURA-v1.1":
-            data_dir = data_dir.parent  # paths in the manifest start with MURA-v1.1/
+    if manifest_csv is None:
+        result = run_validate(settings)
+        for problem in result.problems:
+            click.echo(f"warning: {problem}", err=True)
+        success, summary, report = result.success, result.summary, result.report_path
     else:
-        built = mura.build_manifest(settings.paths.data, settings.data)
-        frame, data_dir = built.frame, built.data_dir
-    out_dir = settings.paths.artifacts / "validation"
-    result = validate(frame, data_dir, settings.data.parts, out_dir)
-    click.echo(result.summary())
-    click.echo(f"report: {result.report_path or out_dir}")
-    if not result.success:
+        frame = mura.read_manifest(manifest_csv)
+        data_dir = mura.find_mura_root(settings.paths.data).parent
+        checked = validate(frame, data_dir, settings.data.parts, settings.layout.validation)
+        success, summary, report = checked.success, checked.summary(), checked.report_path
+    click.echo(summary)
+    click.echo(f"report: {report or settings.layout.validation}")
+    if not success:
         click.echo("data failed validation: fix the rows named above and rerun", err=True)
         ctx.exit(1)
+
+
+@cli.command("stage")
+@click.argument(
+    "name", type=click.Choice(["validate", "preprocess", "fit_pca", "train", "evaluate"])
+)
+@click.pass_context
+def stage_command(ctx: click.Context, name: str) -> None:
+    """Run one pipeline stage with the current settings (what `dvc repro` calls)."""
+    from bonefrac.stages import get_stage
+
+    settings = _settings(ctx)
+    result = get_stage(name).run(settings)
+    if name == "validate":
+        click.echo(result.summary)
+        if not result.success:
+            click.echo(f"data failed validation; report: {result.report_path}", err=True)
+            ctx.exit(1)
+    click.echo(f"stage {name}: done")
+
+
+@cli.command("dvc-yaml")
+@click.option("--check", is_flag=True, help="Exit 1 if dvc.yaml differs instead of writing it.")
+@click.pass_context
+def dvc_yaml_command(ctx: click.Context, check: bool) -> None:
+    """Write dvc.yaml from the stage list in src/bonefrac/stages.py."""
+    import yaml
+
+    from bonefrac.config import find_params
+    from bonefrac.stages import dvc_yaml
+
+    params_path = (ctx.find_root().obj or {}).get("params") or find_params()
+    if params_path is None:
+        raise UserError("params.yaml not found: run this in the project folder")
+    project = Path(params_path).resolve().parent
+    settings = _settings(ctx)
+    text = dvc_yaml(settings, project, yaml.safe_load(Path(params_path).read_text()))
+    target = project / "dvc.yaml"
+    if check:
+        if not target.is_file() or target.read_text() != text:
+            click.echo("dvc.yaml is out of date: run `bonefrac dvc-yaml`", err=True)
+            ctx.exit(1)
+        click.echo("dvc.yaml is up to date")
+        return
+    target.write_text(text)
+    click.echo(f"wrote {target}")
+
+
+@cli.command("train")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Model(s) to train: body_part or a part (elbow, hand, shoulder). Default: all.",
+)
+@click.pass_context
+def train_command(ctx: click.Context, models: tuple[str, ...]) -> None:
+    """Train the body-part and fracture ResNet50s from the preprocessed cache, tracked in
+    MLflow (one parent run, a nested run per model)."""
+    from bonefrac.train import model_names, run_train_stage
+
+    settings = _settings(ctx)
+    known = model_names(settings)
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise UserError(f"unknown model {unknown[0]!r}: choose from {', '.join(known)}")
+    results = run_train_stage(settings, list(models) or None)
+    for name, result in results.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in result.val_metrics.items())
+        click.echo(f"{name}: best epoch {result.best_epoch}; val {shown}")
+
+
+@cli.command("evaluate")
+@click.pass_context
+def evaluate_command(ctx: click.Context) -> None:
+    """Evaluate every trained model on the test split (MURA valid) and end to end; print the
+    comparison table. Study-level metrics follow the MURA protocol."""
+    from bonefrac.evaluate.stage import run_evaluate_stage
+
+    summary = run_evaluate_stage(_settings(ctx))
+    click.echo((summary.out_dir / "comparison.md").read_text())
+    click.echo(f"reports in {summary.out_dir}")
 
 
 @cli.command("recommend")

@@ -91,7 +91,9 @@ class PcaConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = "bonefrac"
-    tracking_uri: str | None = None  # None: sqlite:///<paths.mlflow_db>; env MLFLOW_TRACKING_URI wins
+    tracking_uri: str | None = (
+        None  # None: sqlite:///<paths.mlflow_db>; env MLFLOW_TRACKING_URI wins
+    )
     log_models: bool = True  # mlflow.keras.log_model for every trained model
 
 

@@ -51,8 +51,10 @@ def downsample(images: np.ndarray, size: int, batch: int = 1024) -> np.ndarray:
             block = block[..., 0]
         for i, image in enumerate(block):
             small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            histogram = np.bincount(image.reshape(-1) // (256 // HISTOGRAM_BINS),
-                                    minlength=HISTOGRAM_BINS) / image.size
+            histogram = (
+                np.bincount(image.reshape(-1) // (256 // HISTOGRAM_BINS), minlength=HISTOGRAM_BINS)
+                / image.size
+            )
             out[start + i, : size * size] = small.reshape(-1).astype(np.float32) / 255.0
             out[start + i, size * size :] = weight * np.sqrt(histogram)
     return out
@@ -86,8 +88,9 @@ class PcaModel:
         ingredients in extreme amounts. Both thresholds come from held-out training images.
         """
         flat = downsample(images, self.image_size)
-        return np.maximum(_errors(self.pca, flat) / self.ood_threshold,
-                          _t2(self.pca, flat) / self.t2_threshold)
+        return np.maximum(
+            _errors(self.pca, flat) / self.ood_threshold, _t2(self.pca, flat) / self.t2_threshold
+        )
 
     def save(self, path: Path) -> None:
         joblib.dump(self, path)
@@ -138,8 +141,9 @@ def fit(train_images: np.ndarray, cfg: PcaConfig, folds: int = 5) -> PcaModel:
     from sklearn.model_selection import KFold
 
     flat = downsample(train_images, cfg.image_size)
-    n_components = min(cfg.n_components, int(flat.shape[0] * (folds - 1) / folds) - 1,
-                       flat.shape[1])
+    n_components = min(
+        cfg.n_components, int(flat.shape[0] * (folds - 1) / folds) - 1, flat.shape[1]
+    )
     if n_components < 2 or len(flat) < folds:
         raise DataError("too few training images to fit PCA (need at least a dozen)")
     errors = np.empty(len(flat), dtype=np.float64)
@@ -186,7 +190,8 @@ def drift(model: PcaModel, images: np.ndarray, alpha: float = 0.01) -> DriftRepo
 
 def _classifier(seed: int):
     return make_pipeline(
-        StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
+        StandardScaler(),
+        LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed),
     )
 
 
@@ -235,11 +240,17 @@ def baseline_metrics(predictions: pd.DataFrame, split: str = "test") -> dict:
     scored = rows.dropna(subset=["fracture_prob"])
     for level, frame in (
         ("image", scored),
-        ("study", scored.groupby("study_id").agg(label=("label", "first"),
-                                                 fracture_prob=("fracture_prob", "mean"))),
+        (
+            "study",
+            scored.groupby("study_id").agg(
+                label=("label", "first"), fracture_prob=("fracture_prob", "mean")
+            ),
+        ),
     ):
         if frame["label"].nunique() == 2:
-            metrics[f"fracture_{level}_auroc"] = float(roc_auc_score(frame["label"], frame["fracture_prob"]))
+            metrics[f"fracture_{level}_auroc"] = float(
+                roc_auc_score(frame["label"], frame["fracture_prob"])
+            )
         metrics[f"fracture_{level}_kappa"] = float(
             cohen_kappa_score(frame["label"], (frame["fracture_prob"] >= 0.5).astype(int))
         )
@@ -275,8 +286,13 @@ def save_plots(model: PcaModel, cache: Cache, out_dir: Path) -> list[Path]:
         for label, marker in markers.items():
             sel = ((index["body_part"] == part) & (index["label"] == label)).to_numpy()
             if sel.any():
-                ax.scatter(features[sel, 0], features[sel, 1], s=12, marker=marker,
-                           label=f"{part} {'abnormal' if label else 'normal'}")
+                ax.scatter(
+                    features[sel, 0],
+                    features[sel, 1],
+                    s=12,
+                    marker=marker,
+                    label=f"{part} {'abnormal' if label else 'normal'}",
+                )
     ax.set(xlabel="PC1", ylabel="PC2", title="Training images in PCA space")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -318,8 +334,13 @@ def fit_pca_stage(
     model.save(out_dir / "pca.joblib")
 
     ratio = model.pca.explained_variance_ratio_
-    pd.DataFrame({"component": np.arange(1, len(ratio) + 1), "explained_variance": ratio,
-                  "cumulative": np.cumsum(ratio)}).to_csv(plot_path, index=False)
+    pd.DataFrame(
+        {
+            "component": np.arange(1, len(ratio) + 1),
+            "explained_variance": ratio,
+            "cumulative": np.cumsum(ratio),
+        }
+    ).to_csv(plot_path, index=False)
     save_plots(model, cache, out_dir)
     predictions = baseline_predictions(model, cache, cfg.seed)
     predictions.to_csv(out_dir / "baseline_predictions.csv", index=False)

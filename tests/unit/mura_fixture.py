@@ -54,9 +54,7 @@ def make_mura(base: Path, with_csvs: bool = True) -> Path:
     if with_csvs:
         for split in ("train", "valid"):
             (root / f"{split}_image_paths.csv").write_text("\n".join(image_lines[split]) + "\n")
-            (root / f"{split}_labeled_studies.csv").write_text(
-                "\n".join(study_lines[split]) + "\n"
-            )
+            (root / f"{split}_labeled_studies.csv").write_text("\n".join(study_lines[split]) + "\n")
     return root
 
 

@@ -45,9 +45,7 @@ def test_parallel_equals_serial_and_rerun_is_a_no_op(small_manifest, demo_data_d
     serial = build_cache(frame, demo_data_dir, tmp_path / "serial", serial_cfg, progress=False)
     parallel = build_cache(frame, demo_data_dir, tmp_path / "par", parallel_cfg, progress=False)
     assert not serial.reused and not parallel.reused
-    np.testing.assert_array_equal(
-        load_cache(serial.path).images, load_cache(parallel.path).images
-    )
+    np.testing.assert_array_equal(load_cache(serial.path).images, load_cache(parallel.path).images)
     mtime = (tmp_path / "serial" / "images.npy").stat().st_mtime_ns
     again = build_cache(frame, demo_data_dir, tmp_path / "serial", serial_cfg, progress=False)
     assert again.reused
@@ -87,4 +85,6 @@ def test_param_change_rebuilds(small_manifest, demo_data_dir, tmp_path):
     changed = cfg.model_copy(update={"gaussian_kernel": 0})
     result = build_cache(frame, demo_data_dir, tmp_path / "c", changed, progress=False)
     assert not result.reused
-    assert json.loads((tmp_path / "c" / "meta.json").read_text())["preprocess"]["gaussian_kernel"] == 0
+    assert (
+        json.loads((tmp_path / "c" / "meta.json").read_text())["preprocess"]["gaussian_kernel"] == 0
+    )

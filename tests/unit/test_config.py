@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from bonefrac.config import load_settings
 from bonefrac.errors import UserError
@@ -30,7 +31,7 @@ def test_project_params_load_with_and_without_quick_profile(project_root):
 
 def test_settings_are_frozen(project_root):
     settings = load_settings(project_root / "params.yaml", env={})
-    with pytest.raises(Exception):  # pydantic ValidationError on frozen models
+    with pytest.raises(ValidationError):
         settings.train.batch_size = 3
 
 
@@ -77,7 +78,10 @@ def test_flat_view_and_section_hash(project_root):
     settings = load_settings(project_root / "params.yaml", env={})
     flat = settings.flat()
     assert flat["train.batch_size"] == 32 and flat["data.parts"] == [
-        "XR_ELBOW", "XR_HAND", "XR_SHOULDER"]
+        "XR_ELBOW",
+        "XR_HAND",
+        "XR_SHOULDER",
+    ]
     quick = load_settings(project_root / "params.yaml", profile="quick", env={})
     assert settings.section_hash("data") == quick.section_hash("data")
     assert settings.section_hash("train") != quick.section_hash("train")

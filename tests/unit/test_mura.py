@@ -58,8 +58,13 @@ def test_split_is_seeded_and_stratified():
             for i in range(20):
                 patient = f"patient{part}{label}{i:03d}"
                 rows.append(
-                    {"mura_split": "train", "split": "train", "part": part,
-                     "patient_id": patient, "label": label}
+                    {
+                        "mura_split": "train",
+                        "split": "train",
+                        "part": part,
+                        "patient_id": patient,
+                        "label": label,
+                    }
                 )
     frame = pd.DataFrame(rows)
     a = mura.assign_val_split(frame, 0.1, seed=7)
@@ -94,12 +99,19 @@ def test_missing_paths_and_label_disagreements_are_reported_by_name(mura_dir):
     (root / "train/XR_ELBOW/patient00001/study1_positive/image2.png").unlink()
     labels = root / "train_labeled_studies.csv"
     labels.write_text(
-        labels.read_text().replace("patient00002/study1_negative/,0", "patient00002/study1_negative/,1")
+        labels.read_text().replace(
+            "patient00002/study1_negative/,0", "patient00002/study1_negative/,1"
+        )
     )
     result = mura.build_manifest(mura_dir, DataConfig())
     text = "\n".join(result.problems)
-    assert "does not exist: MURA-v1.1/train/XR_ELBOW/patient00001/study1_positive/image2.png" in text
-    assert "disagrees with its CSV label 1: MURA-v1.1/train/XR_ELBOW/patient00002/study1_negative/" in text
+    assert (
+        "does not exist: MURA-v1.1/train/XR_ELBOW/patient00001/study1_positive/image2.png" in text
+    )
+    assert (
+        "disagrees with its CSV label 1: MURA-v1.1/train/XR_ELBOW/patient00002/study1_negative/"
+        in text
+    )
     assert len(result.frame) == expected_images() - 1
     bad = result.frame[result.frame["patient_id"] == "patient00002"]
     assert (bad["label"] == 1).all() and (bad["folder_label"] == 0).all()

@@ -57,8 +57,13 @@ def test_fit_pca_stage_writes_model_plots_baseline_and_metrics(demo_cache, tmp_p
     result = pca.fit_pca_stage(
         cache, settings.pca, tmp_path / "pca", tmp_path / "m/pca.json", tmp_path / "p/ev.csv"
     )
-    for name in ("pca.joblib", "explained_variance.png", "projection.png",
-                 "reconstruction_error.png", "baseline_predictions.csv"):
+    for name in (
+        "pca.joblib",
+        "explained_variance.png",
+        "projection.png",
+        "reconstruction_error.png",
+        "baseline_predictions.csv",
+    ):
         assert (tmp_path / "pca" / name).is_file(), name
     metrics = json.loads((tmp_path / "m/pca.json").read_text())
     assert 0 < metrics["explained_variance"] <= 1

@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.neighbors import NearestCentroid
 
 from bonefrac.data import synthetic
+from bonefrac.data.synthetic import dataset as synthetic_dataset
 from bonefrac.errors import UserError
 
 PATIENTS = 6
@@ -202,7 +203,7 @@ def test_an_interrupted_run_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     written = 0
-    real_write = synthetic._write_image
+    real_write = synthetic_dataset._write_image
 
     def write_then_fail(path: Path, pixels: np.ndarray) -> None:
         nonlocal written
@@ -211,7 +212,7 @@ def test_an_interrupted_run_leaves_nothing_behind(
             raise KeyboardInterrupt
         real_write(path, pixels)
 
-    monkeypatch.setattr(synthetic, "_write_image", write_then_fail)
+    monkeypatch.setattr(synthetic_dataset, "_write_image", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         synthetic.generate(tmp_path, patients=2, size=32)
     assert list(tmp_path.iterdir()) == []

@@ -146,7 +146,9 @@ def _rows(
             continue
         study_match = _STUDY_RE.match(study)
         if not study_match or not patient.startswith("patient"):
-            problems.append(f"not a MURA study folder (want patientN/studyN_positive|negative): {rel}")
+            problems.append(
+                f"not a MURA study folder (want patientN/studyN_positive|negative): {rel}"
+            )
             continue
         folder_label = int(study_match.group(2) == "positive")
         study_rel = str(rel.parent)
@@ -203,9 +205,9 @@ def assign_val_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> pd.
         if len(patients) >= 3:
             n_val = max(1, n_val)
         val_patients += list(rng.permutation(patients)[:n_val])
-    frame.loc[(frame["mura_split"] == "train") & frame["patient_id"].isin(val_patients), "split"] = (
-        "val"
-    )
+    frame.loc[
+        (frame["mura_split"] == "train") & frame["patient_id"].isin(val_patients), "split"
+    ] = "val"
     return frame
 
 

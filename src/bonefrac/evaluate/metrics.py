@@ -1,0 +1,194 @@
+"""Point metrics on prediction frames: study aggregation, binary metrics at a threshold, the
+operating threshold and findings, and the body-part (multiclass) metrics.
+
+The MURA protocol: a study's probability is the mean of its images' probabilities, and every
+metric is JSON-ready (numpy scalars become Python, NaN becomes None).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    classification_report,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from bonefrac.errors import DataError
+
+FRACTURE, NO_FRACTURE, UNCERTAIN = "fracture", "no_fracture", "uncertain"
+# fmt: off
+CI_METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "kappa",
+              "auroc", "auprc")
+# fmt: on
+STUDY_COLUMNS = ("study_path", "patient_id", "body_part", "split")  # carried when present
+
+
+def _clean(value: Any) -> Any:
+    """numpy scalars -> Python, NaN -> None: metrics must be JSON for metrics.json / MLflow."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _two_classes(labels: np.ndarray) -> bool:
+    return len(np.unique(labels)) == 2
+
+
+# --- study aggregation and point metrics ---------------------------------------------------
+
+
+def study_level(frame: pd.DataFrame, prob_col: str = "prob") -> pd.DataFrame:
+    """One row per study_id (first-seen order): label, mean image probability, n_images and the
+    study's path, patient, body part and split where the frame has them."""
+    missing = [c for c in ("study_id", "label", prob_col) if c not in frame.columns]
+    if missing:
+        raise DataError(f"prediction frame lacks column(s) {missing}: add them before evaluating")
+    mixed = frame.groupby("study_id", sort=False)["label"].nunique().gt(1)
+    if mixed.any():
+        raise DataError(f"study {mixed.idxmax()!r} has images with different labels")
+    carried = {c: (c, "first") for c in STUDY_COLUMNS if c in frame.columns}
+    studies = frame.groupby("study_id", sort=False).agg(
+        **carried,
+        label=("label", "first"),
+        prob=(prob_col, "mean"),
+        n_images=(prob_col, "size"),
+    )
+    return studies.reset_index()
+
+
+def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float) -> dict:
+    """Threshold metrics (prob >= threshold is abnormal) plus AUROC/AUPRC, JSON-ready.
+
+    A metric that is undefined on this data (AUROC with one class, precision with no positive
+    prediction) is None rather than an error, so a tiny or one-sided split still reports.
+    """
+    labels = np.asarray(labels, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    out: dict[str, Any] = {"n": len(labels), "n_positive": int(labels.sum())}
+    if len(labels) == 0:
+        return out | dict.fromkeys((*CI_METRICS, "tp", "fp", "tn", "fn"))
+    predictions = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predictions, labels=[0, 1]).ravel()
+    both = _two_classes(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # kappa 0/0 on one-class data -> NaN
+        out |= {
+            "accuracy": accuracy_score(labels, predictions),
+            "precision": precision_score(labels, predictions, zero_division=np.nan),
+            "recall": recall_score(labels, predictions, zero_division=np.nan),
+            "specificity": recall_score(labels, predictions, pos_label=0, zero_division=np.nan),
+            "f1": f1_score(labels, predictions, zero_division=np.nan),
+            "kappa": cohen_kappa_score(labels, predictions),
+            "auroc": roc_auc_score(labels, probs) if both else None,
+            "auprc": average_precision_score(labels, probs) if both else None,
+            "tp": tp,
+            "fp": fp,
+            "tn": tn,
+            "fn": fn,
+        }
+    out["sensitivity"] = out["recall"]
+    return {key: _clean(value) for key, value in out.items()}
+
+
+# --- threshold and findings ------------------------------------------------------------------
+
+
+def choose_threshold(
+    labels: Sequence[int],
+    probs: Sequence[float],
+    method: Literal["youden", "sensitivity"] = "youden",
+    target_sensitivity: float = 0.9,
+) -> float:
+    """Operating point from the ROC curve: 'youden' maximises tpr - fpr, 'sensitivity' is the
+    highest threshold whose sensitivity reaches the target. 0.5 if labels hold one class."""
+    labels = np.asarray(labels, dtype=int)
+    if not _two_classes(labels):
+        warnings.warn("threshold needs both classes; using 0.5", stacklevel=2)
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)  # every cut
+    if method == "youden":
+        best = int(np.argmax(tpr - fpr))
+    elif method == "sensitivity":
+        best = int(np.argmax(tpr >= target_sensitivity))  # thresholds fall as tpr rises
+    else:
+        raise ValueError(f"threshold method must be 'youden' or 'sensitivity', not {method!r}")
+    return float(min(thresholds[best], 1.0))  # thresholds[0] is inf: "nothing positive"
+
+
+def finding(prob: float, threshold: float, band: float) -> str:
+    """'uncertain' within band of the threshold, else 'fracture' / 'no_fracture'."""
+    if abs(prob - threshold) < band:
+        return UNCERTAIN
+    return FRACTURE if prob >= threshold else NO_FRACTURE
+
+
+def findings(probs: Sequence[float], threshold: float, band: float) -> np.ndarray:
+    """finding() for many probabilities at once."""
+    probs = np.asarray(probs, dtype=float)
+    decided = np.where(probs >= threshold, FRACTURE, NO_FRACTURE)
+    return np.where(np.abs(probs - threshold) < band, UNCERTAIN, decided)
+
+
+# --- body part (multiclass) ------------------------------------------------------------------
+
+
+def _label_values(true: Iterable, pred: Iterable, class_names: Sequence[str]) -> list:
+    """Labels as given: the class names themselves, or indices 0..k-1 into class_names."""
+    seen = set(true) | set(pred)
+    return list(class_names) if seen <= set(class_names) else list(range(len(class_names)))
+
+
+def multiclass_metrics(
+    true_labels: Sequence, pred_labels: Sequence, class_names: Sequence[str]
+) -> dict:
+    """Accuracy, kappa, confusion matrix and sklearn's per-class report (the paper's Table II)."""
+    true_labels, pred_labels = list(true_labels), list(pred_labels)
+    labels = _label_values(true_labels, pred_labels, class_names)
+    report = classification_report(
+        true_labels,
+        pred_labels,
+        labels=labels,
+        target_names=list(class_names),
+        output_dict=True,
+        zero_division=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        kappa = cohen_kappa_score(true_labels, pred_labels, labels=labels)
+    return {
+        "accuracy": _clean(accuracy_score(true_labels, pred_labels)),
+        "kappa": _clean(kappa),
+        "n": len(true_labels),
+        "confusion_matrix": confusion_matrix(true_labels, pred_labels, labels=labels).tolist(),
+        "report": report,
+    }
+
+
+def classification_report_text(
+    true_labels: Sequence, pred_labels: Sequence, class_names: Sequence[str]
+) -> str:
+    labels = _label_values(true_labels, pred_labels, class_names)
+    return classification_report(
+        true_labels,
+        pred_labels,
+        labels=labels,
+        target_names=list(class_names),
+        digits=3,
+        zero_division=0,
+    )

@@ -1,0 +1,313 @@
+"""The evaluate stage: every trained model on the test split (MURA valid), and end to end.
+
+Writes `evaluation/` (reports, plots, submission, operating points for serving),
+`metrics/evaluate.json` for `dvc metrics show`, ROC points for `dvc plots`, and logs all of
+it to the training runs in MLflow (each model's nested run, the pipeline's parent run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bonefrac.cache import Cache, load_cache
+from bonefrac.config import Settings
+from bonefrac.data.mura import body_part_name
+from bonefrac.evaluate import (
+    apply_temperature,
+    binary_metrics,
+    bootstrap_ci,
+    classification_report_text,
+    comparison_table,
+    confusion_matrix_plot,
+    evaluate_binary,
+    model_card,
+    multiclass_metrics,
+    pr_curve_plot,
+    reliability_plot,
+    roc_curve_plot,
+    roc_points,
+    study_level,
+    write_submission,
+)
+from bonefrac.models import BODY_PART_MODEL
+
+OPERATING_POINT = "operating_point.json"  # threshold, temperature, band: read by serving
+PREDICT_BATCH = 32
+
+
+def predict(model, images: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray:
+    """Model outputs for (N, S, S) uint8 cache rows, called directly in batches (Keras'
+    `predict` adds per-call overhead that doubles small-batch latency here)."""
+    outputs = []
+    for start in range(0, len(images), batch):
+        block = np.asarray(images[start : start + batch])
+        x = np.repeat(block[..., np.newaxis], 3, axis=-1).astype(np.float32)
+        outputs.append(np.asarray(model(x, training=False)))
+    return np.concatenate(outputs) if outputs else np.empty((0, 1), dtype=np.float32)
+
+
+def _load(models_dir: Path, name: str):
+    import keras
+
+    return keras.models.load_model(models_dir / name / "model.keras")
+
+
+def _frame(cache: Cache, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    columns = ["path", "split", "body_part", "patient_id", "study_id", "study_path", "label"]
+    frame = cache.index.iloc[rows][columns].reset_index(drop=True)
+    frame["prob"] = probs.astype(float)
+    return frame
+
+
+def _aligned(prob: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """Map each part's threshold to 0.5, keeping order within a part, so images routed to
+    different fracture models can be pooled and judged at one cut (logit(p) - logit(t))."""
+    eps = 1e-6
+    p = np.clip(prob, eps, 1 - eps)
+    t = np.clip(threshold, eps, 1 - eps)
+    return 1 / (1 + np.exp(-(np.log(p / (1 - p)) - np.log(t / (1 - t)))))
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    out_dir: Path
+    metrics: dict
+
+
+def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
+    from bonefrac import tracking
+    from bonefrac.train import read_runs
+
+    layout = settings.layout
+    cfg = settings.evaluate
+    cache = load_cache(layout.preprocessed)
+    runs = read_runs(layout.models)
+    parts = [body_part_name(p) for p in settings.data.parts]
+    synthetic = _is_synthetic(settings)
+    staging = layout.evaluation.parent / f".{layout.evaluation.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    eval_rows = np.concatenate([cache.rows(split="val"), cache.rows(split="test")])
+    test_mask = cache.index["split"].to_numpy()[eval_rows] == "test"
+
+    # 1. body part: which fracture model each image goes to
+    body_model = _load(layout.models, BODY_PART_MODEL)
+    body_probs = predict(body_model, cache.images[eval_rows])
+    predicted_part = np.array(parts)[body_probs.argmax(axis=1)]
+    true_part = cache.index["body_part"].to_numpy()[eval_rows]
+    body_dir = staging / BODY_PART_MODEL
+    body_dir.mkdir()
+    body_metrics = multiclass_metrics(true_part[test_mask], predicted_part[test_mask], parts)
+    confusion_matrix_plot(
+        true_part[test_mask], predicted_part[test_mask], parts, body_dir / "confusion_matrix.png"
+    )
+    (body_dir / "classification_report.txt").write_text(
+        classification_report_text(true_part[test_mask], predicted_part[test_mask], parts)
+    )
+    results: dict[str, dict] = {BODY_PART_MODEL: body_metrics}
+
+    # 2. each fracture model on its own part (val picks threshold/temperature, test measures)
+    evaluations = {}
+    routed_prob = np.full(len(eval_rows), np.nan)
+    routed_threshold = np.full(len(eval_rows), np.nan)
+    for part in parts:
+        model = _load(layout.models, part)
+        own = true_part == part
+        needed = own | (predicted_part == part)
+        probs = np.full(len(eval_rows), np.nan)
+        probs[needed] = predict(model, cache.images[eval_rows[needed]])[:, 0]
+        own_val, own_test = own & ~test_mask, own & test_mask
+        evaluation = evaluate_binary(
+            _frame(cache, eval_rows[own_val], probs[own_val]),
+            _frame(cache, eval_rows[own_test], probs[own_test]),
+            cfg,
+        )
+        evaluations[part] = evaluation
+        routed = predicted_part == part
+        routed_prob[routed] = apply_temperature(probs[routed], evaluation.temperature)
+        routed_threshold[routed] = evaluation.threshold
+        results[part] = evaluation.to_dict()
+        _fracture_reports(part, evaluation, staging / part, layout.plots, settings, synthetic)
+
+    # 3. two-stage end to end on test: routing errors included, as users get it
+    e2e = _frame(
+        cache, eval_rows[test_mask], _aligned(routed_prob[test_mask], routed_threshold[test_mask])
+    )
+    e2e["predicted_part"] = predicted_part[test_mask]
+    e2e_studies = study_level(e2e)
+    end_to_end = {
+        "routing_accuracy": float((e2e["predicted_part"] == e2e["body_part"]).mean()),
+        "image": binary_metrics(e2e["label"], e2e["prob"], 0.5),
+        "study": binary_metrics(e2e_studies["label"], e2e_studies["prob"], 0.5),
+        "study_ci": {
+            k: (list(v) if v else None)
+            for k, v in bootstrap_ci(
+                e2e, 0.5, cfg.bootstrap_samples, cfg.seed, level="study"
+            ).items()
+        },
+    }
+    results["end_to_end"] = end_to_end
+    e2e_studies.to_csv(staging / "study_probabilities.csv", index=False)
+    write_submission(e2e_studies, staging / "submission.csv", 0.5)
+
+    # 4. comparison with the PCA + logistic-regression baseline (the paper's Table V)
+    rows = [
+        {
+            "model": "ResNet50, two-stage (end to end)",
+            "body_part_accuracy": body_metrics["accuracy"],
+            "study_kappa": end_to_end["study"]["kappa"],
+            "study_kappa_ci": end_to_end["study_ci"].get("kappa"),
+            "study_auroc": end_to_end["study"]["auroc"],
+            "study_auroc_ci": end_to_end["study_ci"].get("auroc"),
+        }
+    ]
+    rows += [evaluations[p].comparison_row(f"ResNet50 fracture, {p}") for p in parts]
+    baseline = _baseline_row(layout.pca / "baseline_predictions.csv", parts, cfg)
+    if baseline:
+        rows.append(baseline)
+    table = comparison_table(rows)
+    if synthetic:
+        table = "**SYNTHETIC data: these numbers say nothing about real X-rays.**\n\n" + table
+    (staging / "comparison.md").write_text(table + "\n")
+    results["comparison"] = rows
+
+    metrics = _headline(results, parts, synthetic)
+    (staging / "metrics.json").write_text(json.dumps(results, indent=2, default=_json) + "\n")
+    layout.metrics.mkdir(parents=True, exist_ok=True)
+    (layout.metrics / "evaluate.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if layout.evaluation.exists():
+        shutil.rmtree(layout.evaluation)
+    os.replace(staging, layout.evaluation)
+    _log_to_mlflow(settings, runs, results, parts, tracking)
+    return EvaluationSummary(layout.evaluation, metrics)
+
+
+def _json(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, np.ndarray)):
+        return list(value)
+    raise TypeError(type(value))
+
+
+def _is_synthetic(settings: Settings) -> bool:
+    from bonefrac.data.synthetic import is_synthetic
+
+    return is_synthetic(settings.paths.data)
+
+
+def _fracture_reports(part, evaluation, folder: Path, plots_dir: Path, settings, synthetic):
+    folder.mkdir(parents=True)
+    studies = evaluation.test_studies
+    labels, probs = studies["label"], studies["prob"]
+    roc_curve_plot(labels, probs, folder / "roc.png", title=f"{part}: study-level ROC (test)")
+    pr_curve_plot(labels, probs, folder / "pr.png", title=f"{part}: study-level PR (test)")
+    reliability_plot(labels, studies["prob_uncalibrated"], probs, folder / "reliability.png")
+    predicted = (probs >= evaluation.threshold).astype(int)
+    confusion_matrix_plot(
+        labels, predicted, ["normal", "abnormal"], folder / "confusion_matrix.png"
+    )
+    (folder / "classification_report.txt").write_text(
+        classification_report_text(labels, predicted, ["normal", "abnormal"])
+    )
+    operating_point = {
+        "threshold": evaluation.threshold,
+        "temperature": evaluation.temperature,
+        "uncertain_band": evaluation.uncertain_band,
+        "threshold_method": evaluation.threshold_method,
+    }
+    (folder / OPERATING_POINT).write_text(json.dumps(operating_point, indent=2) + "\n")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    roc_points(labels, probs).to_csv(plots_dir / f"roc_{part}.csv", index=False)
+    card = model_card(
+        f"bonefrac-fracture-{part}",
+        evaluation.to_dict(),
+        settings.flat(),
+        data_version="synthetic" if synthetic else "see MLflow tag",
+        synthetic=synthetic,
+    )
+    (folder / "model_card.md").write_text(card)
+
+
+def _baseline_row(path: Path, parts: list[str], cfg) -> dict | None:
+    """Score the PCA baseline with exactly the protocol used for ResNet50, pooled over parts."""
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path, dtype={"patient_id": str, "study_id": str})
+    frame = frame.dropna(subset=["fracture_prob"]).rename(columns={"fracture_prob": "prob"})
+    val, test = frame[frame["split"] == "val"], frame[frame["split"] == "test"]
+    if val.empty or test.empty or test["label"].nunique() < 2:
+        return None
+    evaluation = evaluate_binary(val, test, cfg)
+    accuracy = float((test["body_part_pred"] == test["body_part"]).mean())
+    return evaluation.comparison_row(
+        "PCA + logistic regression (baseline)", body_part_accuracy=accuracy
+    )
+
+
+def _headline(results: dict, parts: list[str], synthetic: bool) -> dict:
+    """Small numbers for `dvc metrics show`."""
+    headline = {
+        "synthetic_data": synthetic,
+        "body_part_accuracy": results[BODY_PART_MODEL]["accuracy"],
+        "body_part_kappa": results[BODY_PART_MODEL]["kappa"],
+        "end_to_end_study_kappa": results["end_to_end"]["study"]["kappa"],
+        "end_to_end_study_auroc": results["end_to_end"]["study"]["auroc"],
+        "routing_accuracy": results["end_to_end"]["routing_accuracy"],
+    }
+    for part in parts:
+        headline[f"{part}_study_kappa"] = results[part]["study"]["kappa"]
+        headline[f"{part}_study_auroc"] = results[part]["study"]["auroc"]
+    return headline
+
+
+def _log_to_mlflow(
+    settings: Settings, runs: dict, results: dict, parts: list[str], tracking
+) -> None:
+    import mlflow
+
+    tracking.configure(settings)
+    folder = settings.layout.evaluation
+    body = results[BODY_PART_MODEL]
+    with mlflow.start_run(run_id=runs[BODY_PART_MODEL]):
+        mlflow.log_metrics({"test_accuracy": body["accuracy"], "test_kappa": body["kappa"]})
+        mlflow.log_artifacts(str(folder / BODY_PART_MODEL), artifact_path="evaluation")
+    for part in parts:
+        with mlflow.start_run(run_id=runs[part]):
+            flat = _flatten(results[part])
+            mlflow.log_metrics({f"test_{k}": v for k, v in flat.items()})
+            mlflow.log_artifacts(str(folder / part), artifact_path="evaluation")
+    with mlflow.start_run(run_id=runs["parent"]):
+        mlflow.log_metrics(
+            {f"end_to_end_{k}": v for k, v in _flatten(results["end_to_end"]).items()}
+        )
+        for name in ("comparison.md", "submission.csv", "study_probabilities.csv", "metrics.json"):
+            mlflow.log_artifact(str(folder / name), artifact_path="evaluation")
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{name}_")
+        elif (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, (int, float)) for v in value)
+        ):
+            flat[f"{name}_low"], flat[f"{name}_high"] = float(value[0]), float(value[1])
+        elif (
+            isinstance(value, (int, float, np.number))
+            and not isinstance(value, bool)
+            and np.isfinite(value)
+        ):
+            flat[name] = float(value)
+    return flat

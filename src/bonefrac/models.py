@@ -1,0 +1,125 @@
+"""ResNet50 classifiers: one for the body part, one per part for abnormal/normal.
+
+Each model takes the preprocessed image values 0..255, (batch, S, S, 3) float32, and
+normalises them itself, so training and serving feed exactly the arrays
+`imaging.preprocess` returns (cast to float32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bonefrac.config import TrainConfig
+from bonefrac.errors import UserError
+
+# keras.applications.resnet50.preprocess_input ("caffe"): RGB->BGR, subtract ImageNet means.
+# Our three channels are identical grey copies, so the flip is a no-op and the whole step is
+# a per-channel mean subtraction, which Normalization expresses without a custom layer.
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+BODY_PART_MODEL = "body_part"
+
+
+def resolve_weights(weights: str) -> str | Path | None:
+    """'imagenet' (Keras' own download and cache), 'none', or a local weights file."""
+    if weights.lower() == "imagenet":
+        return "imagenet"
+    if weights.lower() in {"none", "null", ""}:
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"weights file {path} not found: set train.weights to imagenet, none or an existing "
+            ".h5/.keras file"
+        )
+    if not path.name.endswith((".h5", ".keras")):
+        raise UserError(f"weights file {path} must be a .h5 or .keras file")
+    return path
+
+
+def build_classifier(n_outputs: int, image_size: int, cfg: TrainConfig, name: str):
+    """ResNet50 (include_top=False, average pooling) + dropout + dense head.
+
+    n_outputs == 1: sigmoid probability of "abnormal"; otherwise softmax over classes.
+    """
+    import keras
+
+    weights = resolve_weights(cfg.weights)
+    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
+    x = keras.layers.Normalization(
+        mean=IMAGENET_BGR_MEAN, variance=(1.0, 1.0, 1.0), name="imagenet_mean"
+    )(inputs)
+    backbone = keras.applications.ResNet50(
+        include_top=False,
+        weights="imagenet" if weights == "imagenet" else None,
+        input_shape=(image_size, image_size, 3),
+        pooling="avg",
+    )
+    if isinstance(weights, Path):
+        try:
+            backbone.load_weights(weights)
+        except Exception as exc:  # keras raises several types for a wrong file
+            raise UserError(f"cannot load weights from {weights}: {exc}".splitlines()[0]) from None
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = cfg.bn_momentum
+    # Pretrained BatchNorm statistics are kept (inference mode); from scratch they must learn.
+    x = backbone(x, training=False if weights is not None else None)
+    x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    activation = "sigmoid" if n_outputs == 1 else "softmax"
+    outputs = keras.layers.Dense(n_outputs, activation=activation, dtype="float32", name="head")(x)
+    model = keras.Model(inputs, outputs, name=name)
+    model.backbone_pretrained = weights is not None
+    return model
+
+
+def backbone_of(model):
+    import keras
+
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def set_phase(model, phase: str, cfg: TrainConfig) -> None:
+    """'head': backbone frozen. 'finetune': top `finetune_layers` layers of the backbone
+    trainable (0 = all), BatchNorm frozen when the backbone was pretrained."""
+    import keras
+
+    backbone = backbone_of(model)
+    if phase == "head":
+        backbone.trainable = False
+        return
+    backbone.trainable = True
+    layers = backbone.layers
+    cut = 0 if cfg.finetune_layers == 0 else max(0, len(layers) - cfg.finetune_layers)
+    pretrained = getattr(model, "backbone_pretrained", True)
+    for i, layer in enumerate(layers):
+        trainable = i >= cut
+        if pretrained and isinstance(layer, keras.layers.BatchNormalization):
+            trainable = False
+        layer.trainable = trainable
+
+
+def compile_model(model, n_outputs: int, learning_rate: float) -> None:
+    import keras
+
+    if n_outputs == 1:
+        loss = "binary_crossentropy"
+        metrics = ["accuracy", keras.metrics.AUC(name="auc")]
+    else:
+        loss = "categorical_crossentropy"
+        metrics = ["accuracy", keras.metrics.AUC(name="auc", multi_label=True)]
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
+
+
+def make_strategy(name: str):
+    """default | mirrored (all GPUs, else all logical CPUs) | multi_worker (TF_CONFIG cluster)."""
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise UserError(f"unknown train.strategy {name!r}: use default, mirrored or multi_worker")

@@ -1,0 +1,406 @@
+"""Training: tf.data from the preprocessed cache, two-phase fine-tuning, MLflow logging.
+
+The train stage fits the body-part model and one fracture model per configured part, each
+in its own nested MLflow run under one parent run per pipeline run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bonefrac.cache import Cache, load_cache
+from bonefrac.config import Settings, TrainConfig
+from bonefrac.data.mura import body_part_name
+from bonefrac.errors import DataError
+from bonefrac.models import BODY_PART_MODEL
+
+RUN_FILE = "runs.json"  # in the models folder: parent and per-model MLflow run ids
+
+
+def model_names(settings: Settings) -> list[str]:
+    """'body_part' then one fracture model per configured part ('elbow', 'hand', ...)."""
+    return [BODY_PART_MODEL, *(body_part_name(p) for p in settings.data.parts)]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Rows of the cache and targets for one model and one split."""
+
+    rows: np.ndarray  # cache positions
+    targets: np.ndarray  # (n, 1) float for fracture, (n, classes) one-hot for body part
+    labels: np.ndarray  # (n,) int class index / 0-1 label
+    classes: list[str]
+
+
+def task_data(cache: Cache, name: str, split: str, parts: list[str]) -> TaskData:
+    if name == BODY_PART_MODEL:
+        rows = cache.rows(split=split)
+        part_of_row = cache.index["body_part"].to_numpy()[rows]
+        labels = np.array([parts.index(p) for p in part_of_row], dtype=np.int64)
+        targets = np.eye(len(parts), dtype=np.float32)[labels]
+        return TaskData(rows, targets, labels, list(parts))
+    rows = cache.rows(split=split, body_part=name)
+    labels = cache.index["label"].to_numpy()[rows].astype(np.int64)
+    return TaskData(rows, labels.astype(np.float32)[:, None], labels, ["normal", "abnormal"])
+
+
+def augmenter(seed: int):
+    """Small, label-preserving changes: flip, rotation, zoom, brightness, contrast."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
+            keras.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
+            keras.layers.RandomContrast(0.1, seed=seed),
+        ],
+        name="augment",
+    )
+
+
+def make_dataset(
+    cache: Cache,
+    data: TaskData,
+    batch_size: int,
+    training: bool,
+    augment: bool = False,
+    seed: int = 42,
+):
+    """rows -> images read from the memory-mapped cache (parallel map), cached in memory,
+    shuffled and augmented for training only, batched, prefetched."""
+    import tensorflow as tf
+
+    size = cache.image_size
+    images = cache.images
+
+    def read(row):
+        return np.asarray(images[int(row)])
+
+    ds = tf.data.Dataset.from_tensor_slices((data.rows, data.targets))
+    ds = ds.map(
+        lambda row, y: (tf.ensure_shape(tf.numpy_function(read, [row], tf.uint8), (size, size)), y),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    ).cache()
+    if training:
+        ds = ds.shuffle(len(data.rows), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(
+        lambda x, y: (tf.repeat(tf.cast(x, tf.float32)[..., tf.newaxis], 3, axis=-1), y),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    if training and augment:
+        layers = augmenter(seed)
+        ds = ds.map(
+            lambda x, y: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float] | None:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    out = {int(c): 1.0 for c in range(n_classes)}
+    out.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return out
+
+
+@dataclass
+class TrainResult:
+    name: str
+    model_path: Path
+    history: dict[str, list[float]]
+    best_epoch: int
+    seconds: float
+    images_per_second: float
+    run_id: str | None = None
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _BestWeights:
+    """Keeps the weights of the best epoch across both phases (phase 2 starts from phase 1's
+    weights and may never beat them), by the monitored validation metric."""
+
+    @staticmethod
+    def make(monitor: str, mode: str, offset: list[int]):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.best_value: float | None = None
+                self.best_epoch = 0
+                self.weights = None
+
+            def on_epoch_end(self, epoch, logs=None):
+                value = (logs or {}).get(monitor)
+                if value is None or not np.isfinite(value):
+                    return
+                better = self.best_value is None or (
+                    value > self.best_value if mode == "max" else value < self.best_value
+                )
+                if better:
+                    self.best_value, self.best_epoch = float(value), offset[0] + epoch
+                    self.weights = self.model.get_weights()
+
+            def restore(self) -> int:
+                if self.weights is not None:
+                    self.model.set_weights(self.weights)
+                return self.best_epoch
+
+        return Callback()
+
+
+class _MlflowEpochs:
+    """Keras callback factory that logs every epoch's metrics to the active MLflow run."""
+
+    @staticmethod
+    def make(offset: list[int]):
+        import keras
+        import mlflow
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                logs = {k: float(v) for k, v in (logs or {}).items() if np.isfinite(v)}
+                if mlflow.active_run() is not None and logs:
+                    mlflow.log_metrics(logs, step=offset[0] + epoch)
+
+        return Callback()
+
+
+def fit_model(
+    cache: Cache,
+    name: str,
+    parts: list[str],
+    cfg: TrainConfig,
+    out_dir: Path,
+    log_to_mlflow: bool = False,
+) -> TrainResult:
+    """Train one model (two phases), keep the best weights, save `out_dir/model.keras`."""
+    import keras
+    import tensorflow as tf
+
+    from bonefrac.models import build_classifier, compile_model, make_strategy, set_phase
+
+    keras.utils.set_random_seed(cfg.seed)
+    train = task_data(cache, name, "train", parts)
+    val = task_data(cache, name, "val", parts)
+    if len(train.rows) == 0:
+        raise DataError(f"no training images for model {name!r}: check the manifest's splits")
+    if len(np.unique(train.labels)) < 2:
+        raise DataError(f"model {name!r} has only one class in its training images")
+    n_outputs = 1 if name != BODY_PART_MODEL else len(parts)
+    if cfg.mixed_precision and tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    strategy = make_strategy(cfg.strategy)
+    batch_size = cfg.batch_size * strategy.num_replicas_in_sync
+    train_ds = make_dataset(cache, train, batch_size, True, cfg.augment, cfg.seed)
+    val_ds = make_dataset(cache, val, batch_size, False) if len(val.rows) else None
+    monitor_metric = "auc" if n_outputs == 1 else "accuracy"
+    monitor = f"val_{monitor_metric}" if val_ds is not None else "loss"
+    mode = "max" if val_ds is not None else "min"
+    weights = class_weights(train.labels, max(n_outputs, 2)) if cfg.class_weights else None
+
+    with strategy.scope():
+        model = build_classifier(n_outputs, cache.image_size, cfg, name=f"bonefrac_{name}")
+
+    history: dict[str, list[float]] = {}
+    epoch_offset = [0]
+    best = _BestWeights.make(monitor, mode, epoch_offset)
+    phases = [
+        ("head", cfg.head_epochs, cfg.head_learning_rate),
+        ("finetune", cfg.finetune_epochs, cfg.finetune_learning_rate),
+    ]
+    start = time.perf_counter()
+    images_seen = 0
+    for phase, epochs, learning_rate in phases:
+        if epochs <= 0:
+            continue
+        set_phase(model, phase, cfg)
+        with strategy.scope():
+            compile_model(model, n_outputs, learning_rate)
+        callbacks = [
+            best,
+            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor, mode=mode, factor=0.3, patience=max(1, cfg.patience - 1)
+            ),
+        ]
+        if log_to_mlflow:
+            callbacks.append(_MlflowEpochs.make(epoch_offset))
+        fitted = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            class_weight=weights,
+            callbacks=callbacks,
+            verbose=2,
+        )
+        ran = len(fitted.history.get("loss", []))
+        images_seen += ran * len(train.rows)
+        for key, values in fitted.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        epoch_offset[0] += ran
+    seconds = time.perf_counter() - start
+    best_epoch = best.restore()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / "model.keras"
+    model.save(model_path)
+    val_metrics = {}
+    if val_ds is not None:
+        val_metrics = {
+            k: float(v) for k, v in model.evaluate(val_ds, verbose=0, return_dict=True).items()
+        }
+    keras.mixed_precision.set_global_policy("float32")
+    meta = {
+        "name": name,
+        "kind": "body_part" if name == BODY_PART_MODEL else "fracture",
+        "classes": train.classes,
+        "image_size": cache.image_size,
+        "best_epoch": best_epoch,
+        "history": history,
+        "n_train": int(len(train.rows)),
+        "n_val": int(len(val.rows)),
+        "weights": cfg.weights,
+        "val_metrics": val_metrics,
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return TrainResult(
+        name=name,
+        model_path=model_path,
+        history=history,
+        best_epoch=best_epoch,
+        seconds=seconds,
+        images_per_second=images_seen / seconds if seconds else 0.0,
+        val_metrics=val_metrics,
+    )
+
+
+def _log_model(model_path: Path, cache: Cache, requirements: list[str]) -> None:
+    import keras
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = keras.models.load_model(model_path)
+    sample = cache.rgb(np.arange(min(2, len(cache.index)))).astype(np.float32)
+    signature = infer_signature(sample, np.asarray(model(sample, training=False)))
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+
+
+def run_train_stage(
+    settings: Settings, names: list[str] | None = None, parent_run_id: str | None = None
+) -> dict[str, TrainResult]:
+    """Train the configured models under one parent MLflow run (one nested run each).
+
+    `parent_run_id` attaches to an existing pipeline run (the Prefect flow makes one);
+    otherwise a new parent run is started. A failure marks the runs FAILED.
+    """
+    import mlflow
+
+    from bonefrac import tracking
+
+    layout = settings.layout
+    cache = load_cache(layout.preprocessed)
+    names = names or model_names(settings)
+    parts = [body_part_name(p) for p in settings.data.parts]
+    tracking.configure(settings)
+    tags = tracking.provenance_tags(settings, cache.meta.get("key"))
+    requirements = tracking.pinned_requirements()
+
+    staging = layout.models.parent / f".{layout.models.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    previous_runs: dict[str, str] = {}
+    if layout.models.is_dir():  # retraining a subset keeps the other models as they are
+        for other in set(model_names(settings)) - set(names):
+            if (layout.models / other).is_dir():
+                shutil.copytree(layout.models / other, staging / other)
+        if (layout.models / RUN_FILE).is_file():
+            previous_runs = read_runs(layout.models)
+    results: dict[str, TrainResult] = {}
+    parent = (
+        mlflow.start_run(run_id=parent_run_id)
+        if parent_run_id
+        else mlflow.start_run(run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    )
+    with parent:
+        mlflow.log_params(settings.flat())
+        for name in names:
+            with mlflow.start_run(
+                run_name=name, nested=True, tags={**tags, "bonefrac.model": name}
+            ):
+                mlflow.log_params(settings.flat())
+                result = fit_model(
+                    cache, name, parts, settings.train, staging / name, log_to_mlflow=True
+                )
+                result.run_id = mlflow.active_run().info.run_id
+                _log_training_artifacts(result, staging / name)
+                if settings.tracking.log_models:
+                    _log_model(result.model_path, cache, requirements)
+                results[name] = result
+        runs = {
+            **previous_runs,
+            "parent": parent.info.run_id,
+            **{n: r.run_id for n, r in results.items()},
+        }
+        (staging / RUN_FILE).write_text(json.dumps(runs, indent=2) + "\n")
+
+    # swap the finished models into place only now: a failed run leaves the old ones intact
+    if layout.models.exists():
+        shutil.rmtree(layout.models)
+    os.replace(staging, layout.models)
+    _write_train_metrics(settings, results)
+    return results
+
+
+def _log_training_artifacts(result: TrainResult, folder: Path) -> None:
+    import mlflow
+
+    from bonefrac.evaluate import training_curves_plot
+
+    plot = training_curves_plot(result.history, folder / "training_curves.png")
+    mlflow.log_artifact(str(plot))
+    mlflow.log_artifact(str(folder / "meta.json"))
+    mlflow.log_metrics(
+        {
+            "train_seconds": result.seconds,
+            "train_images_per_second": result.images_per_second,
+            "best_epoch": result.best_epoch,
+        }
+    )
+
+
+def _write_train_metrics(settings: Settings, results: dict[str, TrainResult]) -> None:
+    layout = settings.layout
+    layout.metrics.mkdir(parents=True, exist_ok=True)
+    summary = {
+        name: {
+            "best_epoch": r.best_epoch,
+            "seconds": round(r.seconds, 1),
+            **{f"val_{k}": v for k, v in r.val_metrics.items()},
+        }
+        for name, r in results.items()
+    }
+    (layout.metrics / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def read_runs(models_dir: Path) -> dict[str, str]:
+    path = Path(models_dir) / RUN_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the train stage first")
+    return json.loads(path.read_text())
