@@ -145,7 +145,7 @@ def validate_data(ctx: click.Context, data: Path | None, manifest_csv: Path | No
     to <artifacts>/validation and, when the data passes, the manifest. Exit 1 when it fails."""
     from bonefrac.data import mura
     from bonefrac.data.validate import validate
-    from bonefrac.stages import run_validate
+    from bonefrac.stages import run_validate, validation_options
 
     settings = _settings(ctx, **{"paths.data": data})
     if manifest_csv is None:
@@ -156,7 +156,8 @@ def validate_data(ctx: click.Context, data: Path | None, manifest_csv: Path | No
     else:
         frame = mura.read_manifest(manifest_csv)
         data_dir = mura.find_mura_root(settings.paths.data).parent
-        checked = validate(frame, data_dir, settings.data.parts, settings.layout.validation)
+        checked = validate(frame, data_dir, settings.data.parts, settings.layout.validation,
+                           **validation_options(settings))
         success, summary, report = checked.success, checked.summary(), checked.report_path
     click.echo(summary)
     click.echo(f"report: {report or settings.layout.validation}")

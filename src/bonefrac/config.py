@@ -52,6 +52,10 @@ class DataConfig(_Section):
     parts: tuple[str, ...] = ("XR_ELBOW", "XR_HAND", "XR_SHOULDER")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 42
+    min_images_per_group: int = Field(10, ge=1)  # validation: per split x part x label
+    abnormal_share_bounds: tuple[float, float] = (0.1, 0.9)  # validation warning outside
+    image_min_side: int = Field(32, ge=1)
+    image_max_side: int = Field(8192, ge=1)
 
     @field_validator("parts")
     @classmethod

@@ -41,6 +41,18 @@ class ValidateStageResult:
     problems: list[str]
 
 
+def validation_options(settings: Settings) -> dict:
+    from bonefrac.data.validate import ImageBounds
+
+    cfg = settings.data
+    return {
+        "min_rows_per_group": cfg.min_images_per_group,
+        "balance_bounds": cfg.abnormal_share_bounds,
+        "image_bounds": ImageBounds(min_side=cfg.image_min_side, max_side=cfg.image_max_side),
+        "workers": settings.preprocess.workers,
+    }
+
+
 def run_validate(settings: Settings) -> ValidateStageResult:
     """Manifest + Great Expectations. The manifest is written only when the data passes,
     so nothing downstream can start from data that failed."""
@@ -53,7 +65,7 @@ def run_validate(settings: Settings) -> ValidateStageResult:
         result.data_dir,
         settings.data.parts,
         layout.validation,
-        workers=settings.preprocess.workers,
+        **validation_options(settings),
     )
     layout.metrics.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(layout.validation / "validation.json", layout.metrics / "validation.json")

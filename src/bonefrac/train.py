@@ -181,6 +181,16 @@ class _MlflowEpochs:
         return Callback()
 
 
+def inference_model(model):
+    """The trained network without optimizer state (a third of the file size): what the
+    registry and the service need."""
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def fit_model(
     cache: Cache,
     name: str,
@@ -245,6 +255,7 @@ def fit_model(
         fitted = model.fit(
             train_ds,
             validation_data=val_ds,
+            shuffle=False,
             epochs=epochs,
             class_weight=weights,
             callbacks=callbacks,
@@ -258,14 +269,14 @@ def fit_model(
     seconds = time.perf_counter() - start
     best_epoch = best.restore()
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / "model.keras"
-    model.save(model_path)
     val_metrics = {}
     if val_ds is not None:
         val_metrics = {
             k: float(v) for k, v in model.evaluate(val_ds, verbose=0, return_dict=True).items()
         }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / "model.keras"
+    inference_model(model).save(model_path)
     keras.mixed_precision.set_global_policy("float32")
     meta = {
         "name": name,
