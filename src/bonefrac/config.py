@@ -42,6 +42,7 @@ class _Section(BaseModel):
 
 
 class PathsConfig(_Section):
+    project: Path = Path(".")  # the folder holding params.yaml (set by the loader)
     data: Path = Path("data")
     artifacts: Path = Path("artifacts")
     mlflow_db: Path = Path("mlflow.db")  # embedded store, unless MLFLOW_TRACKING_URI is set

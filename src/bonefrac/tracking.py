@@ -8,7 +8,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from bonefrac.config import Settings, find_params
+from bonefrac.config import Settings
 
 # What a logged model needs to load elsewhere; versions are read from this environment.
 MODEL_REQUIREMENTS = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "mlflow", "h5py")
@@ -46,9 +46,6 @@ def configure(settings: Settings) -> str:
     return experiment_id
 
 
-def project_dir(settings: Settings | None = None) -> Path:
-    params = find_params()
-    return params.parent if params else Path.cwd()
 
 
 def git_commit(folder: Path) -> str:
@@ -69,22 +66,24 @@ def git_commit(folder: Path) -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
-def data_version_tag(folder: Path) -> str:
-    """md5 from data.dvc, or 'untracked' when the data is not versioned yet."""
+def data_version_tag(settings: Settings) -> str:
+    """md5 from the project's data.dvc when it tracks the data in use, else 'untracked'."""
     from bonefrac.data.versioning import data_version
     from bonefrac.errors import DataError
 
+    project = settings.paths.project
+    if settings.paths.data.resolve() != (project / "data").resolve():
+        return "untracked"
     try:
-        return data_version(folder).md5
+        return data_version(project).md5
     except DataError:
         return "untracked"
 
 
 def provenance_tags(settings: Settings, manifest_key: str | None = None) -> dict[str, str]:
-    folder = project_dir(settings)
     tags = {
-        "bonefrac.data_version": data_version_tag(folder),
-        "bonefrac.git_commit": git_commit(folder),
+        "bonefrac.data_version": data_version_tag(settings),
+        "bonefrac.git_commit": git_commit(settings.paths.project),
         "bonefrac.params_hash": settings.section_hash(
             "data", "preprocess", "pca", "train", "evaluate"
         ),

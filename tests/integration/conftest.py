@@ -1,0 +1,66 @@
+"""Integration fixtures: a throwaway copy of the project, as a fresh clone would be."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+VENV_BIN = str(Path(sys.executable).parent)
+SKIP = {".venv", ".git", "data", "artifacts", "mlflow.db", "mlartifacts", ".cache", "bentoml",
+        "dvc.lock", ".pytest_cache", ".ruff_cache", "__pycache__", ".prefect"}
+
+
+def tool_env(project: Path, **extra: str) -> dict[str, str]:
+    """Environment for running the project's tools in `project` (its venv first on PATH)."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "GX_ANALYTICS_ENABLED": "false"}
+    env.pop("BONEFRAC_PROFILE", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def run(project: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), cwd=project, capture_output=True, text=True,
+                            env=tool_env(project, **env), timeout=1800)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_params(project: Path, **values) -> None:
+    """Edit params.yaml keys given as dotted names (`profiles__quick__pca__n_components`)."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in values.items():
+        node = params
+        *parents, key = dotted.split("__")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture()
+def project_copy(project_root, tmp_path) -> Path:
+    """The project's files in a temp git repo, with a small synthetic MURA in data/."""
+    target = tmp_path / "project"
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder) == project_root
+        return [n for n in names if n == "__pycache__" or (top and n in SKIP)]
+
+    shutil.copytree(project_root, target, ignore=ignore)
+    run(target, "git", "init", "-q")
+    run(target, "git", "add", "-A")
+    run(target, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    run(target, "bonefrac", "demo-data", "--patients", "8", "--size", "96")
+    run(target, "dvc", "add", "-q", "data")  # this copy's own data version
+    set_params(target, profile="quick")
+    return target

@@ -1,0 +1,129 @@
+"""Train the four ResNet50s (32-64 px, a few epochs, weights=None) on SYNTHETIC data and
+evaluate them; everything lands in a real MLflow store in a temp folder."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bonefrac.evaluate import read_submission
+from bonefrac.stages import run_fit_pca, run_preprocess, run_validate
+
+pytestmark = pytest.mark.slow
+MODELS = ("body_part", "elbow", "hand", "shoulder")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, quick_settings_factory):
+    from bonefrac.data import synthetic
+    from bonefrac.evaluate.stage import run_evaluate_stage
+    from bonefrac.train import run_train_stage
+
+    base = tmp_path_factory.mktemp("pipeline")
+    synthetic.generate(base / "data", patients=10, size=96, seed=1)
+    settings = quick_settings_factory(
+        base / "data", base / "artifacts",
+        **{"tracking.tracking_uri": f"sqlite:///{base}/mlflow.db",
+           "paths.mlflow_artifacts": str(base / "mlartifacts"),
+           "train.finetune_epochs": 4},
+    )
+    assert run_validate(settings).success
+    run_preprocess(settings, progress=False)
+    run_fit_pca(settings)
+    results = run_train_stage(settings)
+    summary = run_evaluate_stage(settings)
+    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
+    return settings, results, summary
+
+
+def test_body_part_model_clearly_beats_chance(trained):
+    settings, _, summary = trained
+    # three distinct synthetic anatomies: chance is 1/3
+    assert summary.metrics["body_part_accuracy"] > 0.6
+    report = json.loads((settings.layout.evaluation / "metrics.json").read_text())
+    assert report["body_part"]["kappa"] > 0.4
+
+
+def test_fracture_metrics_are_computed_at_both_levels_with_cis(trained):
+    settings, _, summary = trained
+    report = json.loads((settings.layout.evaluation / "metrics.json").read_text())
+    for part in ("elbow", "hand", "shoulder"):
+        assert np.isfinite(summary.metrics[f"{part}_study_auroc"])
+        for level in ("image", "study"):
+            metrics = report[part][level]
+            assert {"kappa", "auroc", "sensitivity", "specificity", "f1"} <= metrics.keys()
+            low, high = metrics["ci"]["kappa"]
+            assert low <= metrics["kappa"] <= high
+        operating_point = json.loads(
+            (settings.layout.evaluation / part / "operating_point.json").read_text())
+        assert 0 < operating_point["threshold"] < 1 and operating_point["temperature"] > 0
+    assert 0 <= report["end_to_end"]["routing_accuracy"] <= 1
+
+
+def test_submission_matches_the_test_studies(trained):
+    settings, _, _ = trained
+    index = pd.read_csv(settings.layout.preprocessed / "index.csv")
+    test_studies = set(index.loc[index["split"] == "test", "study_path"])
+    submission = read_submission(settings.layout.evaluation / "submission.csv")
+    assert set(submission) == test_studies
+    assert set(submission.values()) <= {0, 1}
+    first = (settings.layout.evaluation / "submission.csv").read_text().splitlines()[0]
+    assert first.startswith("MURA-v1.1/valid/") and first[-3:] in {"/,0", "/,1"}
+    table = (settings.layout.evaluation / "comparison.md").read_text()
+    assert "SYNTHETIC" in table and "PCA + logistic regression" in table
+
+
+def test_mlflow_holds_params_metrics_and_artifacts(trained):
+    settings, results, _ = trained
+    client = MlflowClient()
+    runs = json.loads((settings.layout.models / "runs.json").read_text())
+    parent = client.get_run(runs["parent"])
+    assert parent.data.tags["bonefrac.git_commit"] != "unknown"
+    assert "bonefrac.data_version" in parent.data.tags
+    assert "end_to_end_study_kappa" in parent.data.metrics
+    parent_artifacts = {a.path for a in client.list_artifacts(runs["parent"], "evaluation")}
+    assert "evaluation/submission.csv" in parent_artifacts
+    assert "evaluation/comparison.md" in parent_artifacts
+
+    flat = settings.flat()
+    for name in MODELS:
+        run = client.get_run(runs[name])
+        assert run.data.tags["mlflow.parentRunId"] == runs["parent"]
+        assert run.data.tags["bonefrac.model"] == name
+        assert run.info.status == "FINISHED"
+        # every flattened setting is a param
+        assert {k for k in flat} <= set(run.data.params)
+        assert run.data.params["train.weights"] == "none"
+        # per-epoch curves
+        epochs = results[name].history["loss"]
+        assert len(client.get_metric_history(runs[name], "loss")) == len(epochs)
+        assert len(client.get_metric_history(runs[name], "val_auc")) == len(epochs)
+        top = {a.path for a in client.list_artifacts(runs[name])}
+        assert {"training_curves.png", "meta.json"} <= top
+        evaluation = {a.path.split("/")[-1] for a in client.list_artifacts(runs[name], "evaluation")}
+        assert {"confusion_matrix.png", "classification_report.txt"} <= evaluation
+        if name != "body_part":
+            assert {"roc.png", "pr.png", "reliability.png", "model_card.md",
+                    "operating_point.json"} <= evaluation
+            assert "test_study_kappa" in run.data.metrics
+    body = client.get_run(runs["body_part"])
+    assert "test_accuracy" in body.data.metrics
+
+
+def test_logged_model_round_trips_with_identical_outputs(trained):
+    import keras
+
+    settings, _, _ = trained
+    runs = json.loads((settings.layout.models / "runs.json").read_text())
+    logged = mlflow.keras.load_model(f"runs:/{runs['elbow']}/model")
+    local = keras.models.load_model(settings.layout.models / "elbow" / "model.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(logged(x)), np.asarray(local(x)), rtol=1e-5)
+    requirements = mlflow.pyfunc.get_model_dependencies(f"runs:/{runs['elbow']}/model")
+    text = open(requirements).read()
+    assert "keras==" in text and "tensorflow" in text
