@@ -57,6 +57,7 @@ def _image_rows(mura: Path) -> list[re.Match[str]]:
 def test_returns_the_mura_folder_holding_splits_and_csvs(mura: Path) -> None:
     assert mura.name == "MURA-v1.1"
     assert sorted(path.name for path in mura.iterdir()) == [
+        "SYNTHETIC.txt",
         "train",
         "train_image_paths.csv",
         "train_labeled_studies.csv",
@@ -65,6 +66,8 @@ def test_returns_the_mura_folder_holding_splits_and_csvs(mura: Path) -> None:
         "valid_labeled_studies.csv",
     ]
     assert [path.name for path in mura.parent.iterdir()] == ["MURA-v1.1"]  # no staging left
+    assert "SYNTHETIC" in (mura / "SYNTHETIC.txt").read_text()
+    assert synthetic.is_synthetic(mura) and synthetic.is_synthetic(mura.parent)
 
 
 def test_image_csvs_list_every_image_once_in_folder_order(mura: Path) -> None:

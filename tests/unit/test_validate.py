@@ -233,7 +233,7 @@ def test_cli_validate_exit_codes(good, corrupted, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(
         f"paths:\n  data: {data_dir}\n  artifacts: {tmp_path / 'artifacts'}\n"
-        "data:\n  parts: [XR_ELBOW, XR_HAND]\n"
+        "data:\n  parts: [XR_ELBOW, XR_HAND]\n  min_images_per_group: 2\n"
     )
     good_csv = tmp_path / "good.csv"
     manifest.to_csv(good_csv, index=False)
