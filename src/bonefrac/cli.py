@@ -156,8 +156,13 @@ def validate_data(ctx: click.Context, data: Path | None, manifest_csv: Path | No
     else:
         frame = mura.read_manifest(manifest_csv)
         data_dir = mura.find_mura_root(settings.paths.data).parent
-        checked = validate(frame, data_dir, settings.data.parts, settings.layout.validation,
-                           **validation_options(settings))
+        checked = validate(
+            frame,
+            data_dir,
+            settings.data.parts,
+            settings.layout.validation,
+            **validation_options(settings),
+        )
         success, summary, report = checked.success, checked.summary(), checked.report_path
     click.echo(summary)
     click.echo(f"report: {report or settings.layout.validation}")
@@ -282,6 +287,74 @@ def recommend_command(
     result = recommend(part, finding, probability, {"ood": ood}, threshold=threshold)
     text = json.dumps(result.model_dump(mode="json"), indent=2) if as_json else result.to_text()
     click.echo(text, nl=as_json)
+
+
+def _import_flows(settings):
+    """flows/ sits at the project root (orchestration, not library code)."""
+    root = str(settings.paths.project)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from flows import retrain
+    except ImportError as exc:
+        raise UserError(f"cannot import flows/retrain.py from {root}: {exc}") from None
+    return retrain
+
+
+@cli.command("pipeline")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder holding MURA-v1.1/ (default: paths.data).",
+)
+@click.pass_context
+def pipeline_command(ctx: click.Context, data: Path | None) -> None:
+    """Run the whole retraining flow once (Prefect): version data, validate, check drift,
+    preprocess, fit PCA, train, evaluate, register, package, promote."""
+    from bonefrac.tracking import tracking_uri
+
+    settings = _settings(ctx, **{"paths.data": data})
+    flows = _import_flows(settings)
+    obj = ctx.find_root().obj or {}
+    run = flows.retrain.with_options(task_runner=flows.task_runner(settings))
+    summary = run(
+        profile=obj.get("profile"),
+        data=str(settings.paths.data),
+        params=str(obj["params"]) if obj.get("params") else None,
+    )
+    for decision in summary["decisions"]:
+        click.echo(f"{decision['registered_name']} v{decision['version']}: {decision['reason']}")
+    click.echo(f"Bento: {summary.get('bento_tag')}")
+    click.echo(
+        "MLflow UI:  mlflow ui --backend-store-uri "
+        f"{__import__('bonefrac.tracking').tracking.tracking_uri(settings)}"
+    )
+    click.echo("Serve:      bonefrac serve")
+
+
+@cli.command("schedule")
+@click.option(
+    "--cron", default="0 3 * * 1", show_default=True, help="When to retrain (cron syntax, UTC)."
+)
+@click.pass_context
+def schedule_command(ctx: click.Context, cron: str) -> None:
+    """Serve the retraining flow on a schedule from this machine (Ctrl-C stops). For a
+    Prefect server and workers, use prefect.yaml (`prefect deploy`)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise UserError(f'invalid cron expression {cron!r}: e.g. "0 3 * * 1"') from None
+    settings = _settings(ctx)
+    flows = _import_flows(settings)
+    obj = ctx.find_root().obj or {}
+    flows.retrain.with_options(task_runner=flows.task_runner(settings)).serve(
+        name="bonefrac-scheduled",
+        cron=cron,
+        parameters={"profile": obj.get("profile")},
+    )
 
 
 def main() -> None:

@@ -128,6 +128,30 @@ class EvaluateConfig(_Section):
     seed: int = 42
 
 
+class RegistryConfig(_Section):
+    model_prefix: str = "bonefrac"
+    fracture_metric: str = "study_kappa"  # <level>_<metric> from the evaluate stage
+    body_part_metric: str = "accuracy"
+    min_improvement: float = Field(0.0, ge=0)  # a challenger must beat the champion by more
+
+    @field_validator("fracture_metric")
+    @classmethod
+    def _level_metric(cls, metric: str) -> str:
+        level, _, key = metric.partition("_")
+        if level not in {"image", "study"} or not key:
+            raise ValueError("must look like study_kappa or image_auroc")
+        return metric
+
+
+class PipelineConfig(_Section):
+    task_runner: Literal["sequential", "threads", "processes", "dask"] = "sequential"
+    dask_address: str | None = None  # existing Dask scheduler; None starts a local cluster
+    drift_gate: bool = False  # stop the run when the data drifted from the champion's
+    drift_alpha: float = Field(0.01, gt=0, lt=1)
+    drift_sample: int = Field(500, ge=10)  # images preprocessed for the drift check
+    build_bento: bool = True
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
@@ -188,6 +212,8 @@ class Settings(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @property
     def mura_root(self) -> Path:

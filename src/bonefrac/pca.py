@@ -10,6 +10,7 @@ One fit gives three things the system uses:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -316,6 +317,7 @@ def save_plots(model: PcaModel, cache: Cache, out_dir: Path) -> list[Path]:
 class PcaResult:
     out_dir: Path
     metrics: dict
+    reused: bool = False  # True when an up-to-date fit for the same cache and params existed
 
 
 def fit_pca_stage(
@@ -324,6 +326,16 @@ def fit_pca_stage(
     """The fit_pca stage: model, plots and baseline predictions in out_dir; metrics JSON and
     explained-variance plot data (for DVC) at their own paths."""
     out_dir = Path(out_dir)
+    params_hash = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+    key = f"{cache.meta.get('key')}-{params_hash}"
+    done = out_dir / "fit.json"
+    if (
+        done.is_file()
+        and json.loads(done.read_text()).get("key") == key
+        and Path(metrics_path).is_file()
+    ):
+        return PcaResult(out_dir, json.loads(Path(metrics_path).read_text()), reused=True)
+    done.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in (metrics_path, plot_path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -357,4 +369,5 @@ def fit_pca_stage(
     text = json.dumps(metrics, indent=2) + "\n"
     (out_dir / "metrics.json").write_text(text)
     Path(metrics_path).write_text(text)
+    done.write_text(json.dumps({"key": key}) + "\n")  # written last: marks a complete fit
     return PcaResult(out_dir, metrics)

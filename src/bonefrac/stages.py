@@ -107,6 +107,49 @@ def run_fit_pca(settings: Settings):
     )
 
 
+def run_drift_check(settings: Settings) -> dict:
+    """Compare the data about to be trained on with the serving champion's PCA reference.
+
+    Samples training images from the manifest, preprocesses them with the champion's own
+    preprocessing, and runs `pca.drift`. First run (no champion yet): nothing to compare.
+    """
+    import numpy as np
+
+    from bonefrac.config import PreprocessConfig
+    from bonefrac.data import mura
+    from bonefrac.imaging import preprocess_file
+    from bonefrac.pca import PcaModel, drift
+
+    reference = _champion_bundle()
+    if reference is None:
+        return {"status": "no champion yet: nothing to compare", "drifted": False}
+    bundle_dir, bundle = reference
+    cfg = PreprocessConfig(**bundle["preprocess"])
+    manifest = mura.read_manifest(settings.layout.manifest)
+    rows = manifest[manifest["split"] == "train"]
+    rng = np.random.default_rng(settings.data.seed)
+    sample = rows.iloc[rng.permutation(len(rows))[: settings.pipeline.drift_sample]]
+    data_dir = mura.find_mura_root(settings.paths.data).parent
+    images = np.stack([preprocess_file(data_dir / p, cfg)[..., 0] for p in sample["path"]])
+    report = drift(
+        PcaModel.load(bundle_dir / "pca.joblib"), images, alpha=settings.pipeline.drift_alpha
+    )
+    return {"status": "drifted" if report.drifted else "no drift", **report.to_dict()}
+
+
+def _champion_bundle():
+    """(folder, bundle.json) of the latest packaged champions in the BentoML store, or None."""
+    import bentoml
+
+    from bonefrac.bundle import BENTO_MODEL_NAME, read_bundle
+
+    try:
+        model = bentoml.models.get(f"{BENTO_MODEL_NAME}:latest")
+    except bentoml.exceptions.NotFound:
+        return None
+    return Path(model.path), read_bundle(model.path)
+
+
 def run_train(settings: Settings):
     from bonefrac.train import run_train_stage
 

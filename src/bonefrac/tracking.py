@@ -46,8 +46,6 @@ def configure(settings: Settings) -> str:
     return experiment_id
 
 
-
-
 def git_commit(folder: Path) -> str:
     """HEAD commit (with '-dirty' when the tree has uncommitted changes), or 'unknown'."""
     try:

@@ -313,69 +313,116 @@ def _log_model(model_path: Path, cache: Cache, requirements: list[str]) -> None:
     mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
 
 
-def run_train_stage(
-    settings: Settings, names: list[str] | None = None, parent_run_id: str | None = None
-) -> dict[str, TrainResult]:
-    """Train the configured models under one parent MLflow run (one nested run each).
+def start_parent_run(settings: Settings, cache_key: str | None = None) -> str:
+    """One MLflow parent run per pipeline run; returns its id (the run itself is ended:
+    children attach to it by id, so threads and processes can train in parallel)."""
+    import mlflow
 
-    `parent_run_id` attaches to an existing pipeline run (the Prefect flow makes one);
-    otherwise a new parent run is started. A failure marks the runs FAILED.
+    from bonefrac import tracking
+
+    tracking.configure(settings)
+    tags = tracking.provenance_tags(settings, cache_key)
+    with mlflow.start_run(run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags) as run:
+        mlflow.log_params(settings.flat())
+    mark_run(settings, run.info.run_id, "RUNNING")
+    return run.info.run_id
+
+
+def mark_run(settings: Settings, run_id: str, status: str) -> None:
+    """Set a run's status (RUNNING while the pipeline goes on, FINISHED or FAILED at the end)."""
+    from mlflow.tracking import MlflowClient
+
+    from bonefrac import tracking
+
+    client = MlflowClient(tracking.tracking_uri(settings))
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+def staging_dir(settings: Settings, parent_run_id: str) -> Path:
+    """Where one pipeline run trains its models before they replace the current ones."""
+    return settings.layout.models.parent / f".{settings.layout.models.name}.{parent_run_id}"
+
+
+def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
+    """Train one model in a nested MLflow run under `parent_run_id`, into the staging folder.
+
+    Safe to call from parallel tasks: each model has its own folder and run. A failure marks
+    the nested run FAILED and re-raises.
     """
     import mlflow
 
     from bonefrac import tracking
 
-    layout = settings.layout
-    cache = load_cache(layout.preprocessed)
-    names = names or model_names(settings)
+    cache = load_cache(settings.layout.preprocessed)
     parts = [body_part_name(p) for p in settings.data.parts]
     tracking.configure(settings)
-    tags = tracking.provenance_tags(settings, cache.meta.get("key"))
-    requirements = tracking.pinned_requirements()
+    tags = {
+        **tracking.provenance_tags(settings, cache.meta.get("key")),
+        "bonefrac.model": name,
+        "mlflow.parentRunId": parent_run_id,
+    }
+    folder = staging_dir(settings, parent_run_id) / name
+    shutil.rmtree(folder, ignore_errors=True)
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        mlflow.log_params(settings.flat())
+        result = fit_model(cache, name, parts, settings.train, folder, log_to_mlflow=True)
+        result.run_id = run.info.run_id
+        _log_training_artifacts(result, folder)
+        if settings.tracking.log_models:
+            _log_model(result.model_path, cache, tracking.pinned_requirements())
+    return result
 
-    staging = layout.models.parent / f".{layout.models.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    previous_runs: dict[str, str] = {}
-    if layout.models.is_dir():  # retraining a subset keeps the other models as they are
-        for other in set(model_names(settings)) - set(names):
-            if (layout.models / other).is_dir():
+
+def finish_training(
+    settings: Settings, parent_run_id: str, results: dict[str, TrainResult]
+) -> Path:
+    """Swap the run's models into place, all at once: a run that failed part-way never
+    mixes its models with the current ones. Models not retrained are carried over."""
+    layout = settings.layout
+    staging = staging_dir(settings, parent_run_id)
+    previous: dict[str, str] = {}
+    if layout.models.is_dir():
+        for other in set(model_names(settings)) - set(results):
+            if (layout.models / other).is_dir() and not (staging / other).exists():
                 shutil.copytree(layout.models / other, staging / other)
         if (layout.models / RUN_FILE).is_file():
-            previous_runs = read_runs(layout.models)
-    results: dict[str, TrainResult] = {}
-    parent = (
-        mlflow.start_run(run_id=parent_run_id)
-        if parent_run_id
-        else mlflow.start_run(run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
-    )
-    with parent:
-        mlflow.log_params(settings.flat())
-        for name in names:
-            with mlflow.start_run(
-                run_name=name, nested=True, tags={**tags, "bonefrac.model": name}
-            ):
-                mlflow.log_params(settings.flat())
-                result = fit_model(
-                    cache, name, parts, settings.train, staging / name, log_to_mlflow=True
-                )
-                result.run_id = mlflow.active_run().info.run_id
-                _log_training_artifacts(result, staging / name)
-                if settings.tracking.log_models:
-                    _log_model(result.model_path, cache, requirements)
-                results[name] = result
-        runs = {
-            **previous_runs,
-            "parent": parent.info.run_id,
-            **{n: r.run_id for n, r in results.items()},
-        }
-        (staging / RUN_FILE).write_text(json.dumps(runs, indent=2) + "\n")
-
-    # swap the finished models into place only now: a failed run leaves the old ones intact
+            previous = read_runs(layout.models)
+    runs = {**previous, "parent": parent_run_id, **{n: r.run_id for n, r in results.items()}}
+    (staging / RUN_FILE).write_text(json.dumps(runs, indent=2) + "\n")
     if layout.models.exists():
         shutil.rmtree(layout.models)
     os.replace(staging, layout.models)
     _write_train_metrics(settings, results)
+    return layout.models
+
+
+def run_train_stage(
+    settings: Settings, names: list[str] | None = None, parent_run_id: str | None = None
+) -> dict[str, TrainResult]:
+    """Train the configured models, one after another, under one parent MLflow run.
+
+    `parent_run_id` attaches to an existing pipeline run (the Prefect flow makes one);
+    otherwise a new parent run is started (and finished here). On failure the parent run is
+    marked FAILED and the current models stay as they were.
+    """
+    names = names or model_names(settings)
+    own_parent = parent_run_id is None
+    if own_parent:
+        parent_run_id = start_parent_run(
+            settings, load_cache(settings.layout.preprocessed).meta.get("key")
+        )
+    try:
+        results = {name: train_one(settings, name, parent_run_id) for name in names}
+        finish_training(settings, parent_run_id, results)
+    except BaseException:
+        shutil.rmtree(staging_dir(settings, parent_run_id), ignore_errors=True)
+        mark_run(settings, parent_run_id, "FAILED")
+        raise
+    if own_parent:
+        mark_run(settings, parent_run_id, "FINISHED")
     return results
 
 

@@ -178,6 +178,9 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
     (staging / "comparison.md").write_text(table + "\n")
     results["comparison"] = rows
 
+    from bonefrac.registry import test_set_id
+
+    results["test_set"] = test_set_id(cache.index.iloc[cache.rows(split="test")])
     metrics = _headline(results, parts, synthetic)
     (staging / "metrics.json").write_text(json.dumps(results, indent=2, default=_json) + "\n")
     layout.metrics.mkdir(parents=True, exist_ok=True)

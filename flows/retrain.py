@@ -1,0 +1,282 @@
+"""The retraining flow: version data -> validate -> drift check -> preprocess -> fit PCA ->
+train (body part + one fracture model per part) -> evaluate -> register -> package -> promote.
+
+Orchestration only: every task calls a bonefrac stage function. Safe to run again and
+again: unchanged data and params reuse the preprocessed cache and the PCA fit; a failed
+stage fails the flow, marks its MLflow runs FAILED and promotes nothing.
+
+    bonefrac pipeline --profile quick          # one run, ephemeral Prefect API
+    bonefrac schedule --cron "0 3 * * 1"       # serve it weekly from this machine
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from bonefrac.config import Settings
+
+
+@task(retries=2, retry_delay_seconds=5)  # DVC remote pushes fail transiently (network, locks)
+def version_data(settings: Settings) -> dict[str, Any]:
+    from bonefrac.data.versioning import track_data
+
+    project, data = settings.paths.project, settings.paths.data
+    if data.resolve().parent != project.resolve():
+        get_run_logger().warning("%s is outside the project: not versioned with DVC", data)
+        return {"md5": "untracked", "pushed": False}
+    version = track_data(project, data.name)
+    return {"md5": version.md5, "nfiles": version.nfiles, "pushed": version.pushed}
+
+
+@task
+def validate(settings: Settings) -> dict[str, Any]:
+    from bonefrac.errors import DataError
+    from bonefrac.stages import run_validate
+
+    result = run_validate(settings)
+    if not result.success:
+        raise DataError(f"data failed validation (report: {result.report_path}):\n{result.summary}")
+    return {"images": result.n_images, "summary": result.summary, "report": str(result.report_path)}
+
+
+@task
+def check_drift(settings: Settings) -> dict[str, Any]:
+    from bonefrac.errors import DataError
+    from bonefrac.stages import run_drift_check
+
+    report = run_drift_check(settings)
+    if report.get("drifted") and settings.pipeline.drift_gate:
+        raise DataError(
+            f"data drifted from the champion's (p={report['p_value']:.2g}); "
+            "pipeline.drift_gate is on, so nothing is retrained"
+        )
+    return report
+
+
+@task(retries=1, retry_delay_seconds=5)  # image reads can fail transiently on network storage
+def preprocess(settings: Settings) -> dict[str, Any]:
+    from bonefrac.stages import run_preprocess
+
+    result = run_preprocess(settings, progress=False)
+    if result.reused:
+        get_run_logger().info("preprocess: cache up to date for this data and params, skipped")
+    return {"images": result.count, "skipped": result.reused}
+
+
+@task
+def fit_pca(settings: Settings) -> dict[str, Any]:
+    from bonefrac.stages import run_fit_pca
+
+    result = run_fit_pca(settings)
+    if result.reused:
+        get_run_logger().info("fit_pca: PCA up to date for this cache and params, skipped")
+    return {"skipped": result.reused, **result.metrics}
+
+
+@task
+def start_run(settings: Settings) -> str:
+    from bonefrac.cache import load_cache
+    from bonefrac.train import start_parent_run
+
+    return start_parent_run(settings, load_cache(settings.layout.preprocessed).meta.get("key"))
+
+
+@task
+def train(name: str, settings: Settings, parent_run_id: str):
+    from bonefrac.train import train_one
+
+    return train_one(settings, name, parent_run_id)
+
+
+@task
+def finish_training(settings: Settings, parent_run_id: str, results: list) -> None:
+    from bonefrac.train import finish_training as swap_in
+
+    swap_in(settings, parent_run_id, {r.name: r for r in results})
+
+
+@task
+def evaluate(settings: Settings) -> dict[str, Any]:
+    from bonefrac.evaluate.stage import run_evaluate_stage
+
+    return run_evaluate_stage(settings).metrics
+
+
+@task
+def register(settings: Settings) -> list:
+    from bonefrac.registry import register as register_models
+
+    return register_models(settings)
+
+
+@task(retries=1, retry_delay_seconds=5)
+def package(settings: Settings, decisions: list) -> dict[str, Any]:
+    from bonefrac.registry import package_champions
+
+    return package_champions(settings, decisions, build=settings.pipeline.build_bento)
+
+
+@task
+def promote(settings: Settings, decisions: list) -> None:
+    from bonefrac.registry import promote as move_aliases
+
+    move_aliases(settings, decisions)
+
+
+def _fail_runs(settings: Settings, parent_run_id: str) -> None:
+    """Mark the pipeline's parent run and its children FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from bonefrac import tracking
+
+    client = MlflowClient(tracking.tracking_uri(settings))
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    for run in [parent, *children]:
+        client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _report(
+    data: dict,
+    drift: dict,
+    pca: dict,
+    metrics: dict,
+    decisions: list,
+    packaged: dict,
+    synthetic: bool,
+) -> None:
+    rows = [
+        {
+            "model": d.model,
+            "registered": f"{d.registered_name} v{d.version}",
+            "metric": d.metric,
+            "value": d.value,
+            "champion": d.champion_version,
+            "champion value": d.champion_value,
+            "promoted": d.promoted,
+            "reason": d.reason,
+        }
+        for d in decisions
+    ]
+    create_table_artifact(rows, key="bonefrac-promotions", description="Champion gate decisions")
+    warning = "**SYNTHETIC data: numbers say nothing about real X-rays.**\n\n" if synthetic else ""
+    lines = [
+        f"# bonefrac retraining\n\n{warning}",
+        f"- data version: `{data['md5']}` (pushed: {data.get('pushed')})",
+        f"- drift vs champion: {drift.get('status')}"
+        + (f" (p = {drift['p_value']:.3g})" if "p_value" in drift else ""),
+        f"- preprocess / PCA: {'cached' if pca.get('skipped') else 'fitted'}; "
+        f"PCA explained variance {pca.get('explained_variance', float('nan')):.2f}",
+        f"- body part accuracy {metrics.get('body_part_accuracy', float('nan')):.3f}; "
+        f"end-to-end study kappa {metrics.get('end_to_end_study_kappa', float('nan')):.3f}",
+        f"- Bento: `{packaged.get('bento_tag')}` (model `{packaged.get('model_tag')}`)",
+        "",
+        "| model | version | metric | value | promoted | reason |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['model']} | {r['registered']} | {r['metric']} | {_number(r['value'])} | "
+            f"{r['promoted']} | {r['reason']} |"
+            for r in rows
+        ],
+    ]
+    create_markdown_artifact(
+        "\n".join(lines), key="bonefrac-summary", description="Retraining summary"
+    )
+
+
+@flow(name="bonefrac-retrain", log_prints=True)
+def retrain(
+    profile: str | None = None, data: str | None = None, params: str | None = None
+) -> dict[str, Any]:
+    """Retrain, evaluate, register and package bonefrac's models (see module docstring)."""
+    import mlflow
+
+    from bonefrac.config import load_settings
+    from bonefrac.data.synthetic import is_synthetic
+    from bonefrac.train import mark_run, model_names
+
+    overrides = {"paths": {"data": data}} if data else None
+    settings = load_settings(params, profile, overrides)
+    data_version = version_data(settings)
+    validation = validate(settings)
+    drift = check_drift(settings)
+    preprocess(settings)
+    pca = fit_pca(settings)
+    parent_run_id = start_run(settings)
+    try:
+        trained = train.map(
+            model_names(settings),
+            settings=unmapped(settings),
+            parent_run_id=unmapped(parent_run_id),
+        ).result()
+        finish_training(settings, parent_run_id, trained)
+        metrics = evaluate(settings)
+        decisions = register(settings)
+        packaged = package(settings, decisions)
+        promote(settings, decisions)
+    except BaseException:
+        _fail_runs(settings, parent_run_id)
+        raise
+    from bonefrac import tracking
+
+    tracking.configure(settings)
+    with mlflow.start_run(run_id=parent_run_id):
+        mlflow.set_tags(
+            {
+                "bonefrac.data_version": data_version["md5"],
+                "bonefrac.bento_tag": str(packaged.get("bento_tag")),
+                "bonefrac.model_tag": str(packaged.get("model_tag")),
+            }
+        )
+        mlflow.log_dict(
+            {
+                "drift": drift,
+                "validation": validation,
+                "decisions": [d.to_dict() for d in decisions],
+            },
+            "pipeline.json",
+        )
+    mark_run(settings, parent_run_id, "FINISHED")
+    _report(
+        data_version, drift, pca, metrics, decisions, packaged, is_synthetic(settings.paths.data)
+    )
+    return {
+        "parent_run_id": parent_run_id,
+        "data_version": data_version["md5"],
+        "drift": drift,
+        "pca_skipped": pca["skipped"],
+        "metrics": metrics,
+        "decisions": [d.to_dict() for d in decisions],
+        **packaged,
+    }
+
+
+def task_runner(settings: Settings):
+    """The configured task runner for the mapped training tasks."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    from bonefrac.errors import UserError
+
+    kind = settings.pipeline.task_runner
+    if kind == "sequential":
+        return ThreadPoolTaskRunner(max_workers=1)
+    if kind == "threads":
+        return ThreadPoolTaskRunner()
+    if kind == "processes":
+        return ProcessPoolTaskRunner()
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise UserError("pipeline.task_runner is dask: pip install prefect-dask") from None
+    if settings.pipeline.dask_address:
+        return DaskTaskRunner(address=settings.pipeline.dask_address)
+    return DaskTaskRunner()
