@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml requirements.lock
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# SYNTHETIC data -> the whole retraining flow (quick profile) -> Bento -> the web page.
 demo: setup
-	@[ -d data/MURA-v1.1 ] || $(BIN)/bonefrac --profile quick demo-data
+	@[ -d data/MURA-v1.1 ] || $(BIN)/bonefrac demo-data
 	$(BIN)/bonefrac --profile quick manifest
+	$(BIN)/bonefrac --profile quick pipeline
+	$(BIN)/bonefrac --profile quick serve
 
 test: setup
 	$(BIN)/python -m pytest

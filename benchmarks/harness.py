@@ -28,8 +28,9 @@ class Timing:
         return self.items / self.median_s if self.median_s > 0 else float("inf")
 
 
-def time_it(name: str, fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1,
-            items: int = 1) -> Timing:
+def time_it(
+    name: str, fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1, items: int = 1
+) -> Timing:
     """Median and p95 wall time of `fn()` over `repeat` runs after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
@@ -43,19 +44,34 @@ def time_it(name: str, fn: Callable[[], object], *, repeat: int = 5, warmup: int
     return Timing(name, statistics.median(samples), p95, repeat, items)
 
 
-def compare(name: str, candidate: Callable[[], object], baseline: Callable[[], object], *,
-            repeat: int = 5, warmup: int = 1, items: int = 1, unit: str = "item") -> dict:
+def compare(
+    name: str,
+    candidate: Callable[[], object],
+    baseline: Callable[[], object],
+    *,
+    repeat: int = 5,
+    warmup: int = 1,
+    items: int = 1,
+    unit: str = "item",
+) -> dict:
     """Time candidate and baseline alternately-fair (same process, same inputs) and print
     `candidate/baseline` time ratio (< 1 means the candidate is faster)."""
     base = time_it(f"{name} (baseline)", baseline, repeat=repeat, warmup=warmup, items=items)
     cand = time_it(name, candidate, repeat=repeat, warmup=warmup, items=items)
     ratio = cand.median_s / base.median_s if base.median_s > 0 else float("nan")
     for t in (base, cand):
-        print(f"{t.name:<40} median {t.median_s * 1e3:9.1f} ms  p95 {t.p95_s * 1e3:9.1f} ms  "
-              f"{t.per_second:9.1f} {unit}/s")
+        print(
+            f"{t.name:<40} median {t.median_s * 1e3:9.1f} ms  p95 {t.p95_s * 1e3:9.1f} ms  "
+            f"{t.per_second:9.1f} {unit}/s"
+        )
     print(f"{name}: time ratio candidate/baseline = {ratio:.3f}")
-    return {"name": name, "ratio": ratio, "baseline": asdict(base), "candidate": asdict(cand),
-            "machine": platform.processor() or platform.machine()}
+    return {
+        "name": name,
+        "ratio": ratio,
+        "baseline": asdict(base),
+        "candidate": asdict(cand),
+        "machine": platform.processor() or platform.machine(),
+    }
 
 
 def dump(results: list[dict], path: str | None = None) -> None:

@@ -209,7 +209,7 @@ def retrain(
     data_version = version_data(settings)
     validation = validate(settings)
     drift = check_drift(settings)
-    preprocess(settings)
+    preprocessed = preprocess(settings)
     pca = fit_pca(settings)
     parent_run_id = start_run(settings)
     try:

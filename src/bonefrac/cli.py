@@ -291,6 +291,11 @@ def recommend_command(
 
 def _import_flows(settings):
     """flows/ sits at the project root (orchestration, not library code)."""
+    import os
+
+    # Prefect's ephemeral API (no server needed) migrates its database on first start, which
+    # takes longer than Prefect's 20 s default on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     root = str(settings.paths.project)
     if root not in sys.path:
         sys.path.insert(0, root)
@@ -312,7 +317,6 @@ def _import_flows(settings):
 def pipeline_command(ctx: click.Context, data: Path | None) -> None:
     """Run the whole retraining flow once (Prefect): version data, validate, check drift,
     preprocess, fit PCA, train, evaluate, register, package, promote."""
-    from bonefrac.tracking import tracking_uri
 
     settings = _settings(ctx, **{"paths.data": data})
     flows = _import_flows(settings)
@@ -355,6 +359,122 @@ def schedule_command(ctx: click.Context, cron: str) -> None:
         cron=cron,
         parameters={"profile": obj.get("profile")},
     )
+
+
+_BUNDLE_OPTION = click.option(
+    "--bundle",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A packaged bundle folder to use (serve: imported into the BentoML model store first).",
+)
+
+
+@cli.command("serve")
+@click.option("--host", default=None, help="Interface to listen on (default: serve.host).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Default: serve.port.")
+@_BUNDLE_OPTION
+@click.pass_context
+def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle: Path | None):
+    """Start the BentoML service (bonefrac:latest from the model store): the upload page on
+    http://HOST:PORT/, POST /predict, /predict_study, /predict_batch, GET /healthz, /readyz,
+    /metrics. Ctrl-C stops it."""
+    import os
+    import subprocess
+
+    from bonefrac.config import find_params
+
+    settings = _settings(ctx)
+    if bundle is not None:
+        from bonefrac.bundle import save_to_bentoml
+
+        click.echo(f"imported {bundle} into the BentoML model store as {save_to_bentoml(bundle)}")
+    else:
+        _stored_bundle()  # one line now rather than a traceback from the server
+    env = dict(os.environ)
+    params = (ctx.find_root().obj or {}).get("params") or find_params()
+    if params:
+        env["BONEFRAC_PARAMS"] = str(Path(params).resolve())  # the service reads serve.* there
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    host, port = host or settings.serve.host, port or settings.serve.port
+    command = [sys.executable, "-m", "bentoml", "serve", "bonefrac.serving.service:BonefracService"]
+    click.echo(f"serving on http://{host}:{port}/ (ready when /readyz answers 200)")
+    try:
+        ctx.exit(subprocess.call([*command, "--host", host, "--port", str(port)], env=env))
+    except KeyboardInterrupt:
+        ctx.exit(130)
+
+
+@cli.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--explain", is_flag=True, help="Add the Grad-CAM heatmap (base64 PNG overlay).")
+@click.option(
+    "--allow-ood",
+    is_flag=True,
+    help="Analyse images that do not look like elbow/hand/shoulder radiographs anyway.",
+)
+@_BUNDLE_OPTION
+@click.pass_context
+def predict_command(
+    ctx: click.Context,
+    images: tuple[Path, ...],
+    explain: bool,
+    allow_ood: bool,
+    bundle: Path | None,
+) -> None:
+    """Print the service's JSON for IMAGE (PNG, JPEG or DICOM); several IMAGEs are one study.
+    Decision support for clinicians; not a diagnosis."""
+    import json
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from bonefrac.bundle import read_bundle
+    from bonefrac.config import PreprocessConfig
+    from bonefrac.imaging import preprocess_bytes
+    from bonefrac.serving.predictor import Predictor
+
+    settings = _settings(ctx)
+    limits = settings.serve
+    if bundle is not None:
+        folder, source = bundle, None
+    else:
+        stored = _stored_bundle()
+        folder, source = Path(stored.path), str(stored.tag)
+    preprocess_cfg = PreprocessConfig(**read_bundle(folder)["preprocess"])
+    data = []
+    for path in images:  # every file checked before the models spend seconds loading
+        try:
+            data.append(path.read_bytes())
+            preprocess_bytes(
+                data[-1],
+                preprocess_cfg,
+                max_pixels=limits.max_pixels,
+                min_side=limits.min_side,
+                max_bytes=int(limits.max_upload_mb * 1_000_000),
+            )
+        except OSError as exc:
+            raise UserError(f"{path} cannot be read ({exc.strerror}): check the path") from None
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+    predictor = Predictor.from_bundle(folder, limits, source=source, warm_up=False)
+    if len(data) == 1:
+        result = predictor.predict_bytes(data[0], explain=explain, allow_ood=allow_ood)
+    else:
+        result = predictor.predict_study(data, explain=explain, allow_ood=allow_ood)
+    click.echo(json.dumps(result, indent=2))
+
+
+def _stored_bundle():
+    """bonefrac:latest from the BentoML model store, or a one-line UserError."""
+    import bentoml
+
+    try:
+        return bentoml.models.get("bonefrac:latest")
+    except bentoml.exceptions.NotFound:
+        raise UserError(
+            "no bonefrac model in the BentoML model store: pass --bundle DIR (a packaged "
+            "bundle folder) or package the models first"
+        ) from None
 
 
 def main() -> None:

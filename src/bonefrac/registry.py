@@ -122,7 +122,8 @@ def register(settings: Settings) -> list[Decision]:
                 if k in operating
             },
         }
-        version = mlflow.register_model(f"runs:/{runs[name]}/model", reg_name, tags=tags).version
+        uri = runs.get("model_uris", {}).get(name) or f"runs:/{runs[name]}/model"
+        version = mlflow.register_model(uri, reg_name, tags=tags).version
         decision = _decide(
             settings, client, name, reg_name, str(version), metric, value, results["test_set"]
         )

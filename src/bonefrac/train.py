@@ -127,6 +127,7 @@ class TrainResult:
     seconds: float
     images_per_second: float
     run_id: str | None = None
+    model_uri: str | None = None  # the MLflow logged model (models:/m-...)
     val_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -302,7 +303,7 @@ def fit_model(
     )
 
 
-def _log_model(model_path: Path, cache: Cache, requirements: list[str]) -> None:
+def _log_model(model_path: Path, cache: Cache, requirements: list[str]) -> str:
     import keras
     import mlflow
     from mlflow.models import infer_signature
@@ -310,7 +311,10 @@ def _log_model(model_path: Path, cache: Cache, requirements: list[str]) -> None:
     model = keras.models.load_model(model_path)
     sample = cache.rgb(np.arange(min(2, len(cache.index)))).astype(np.float32)
     signature = infer_signature(sample, np.asarray(model(sample, training=False)))
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+    info = mlflow.keras.log_model(
+        model, name="model", signature=signature, pip_requirements=requirements
+    )
+    return info.model_uri
 
 
 def start_parent_run(settings: Settings, cache_key: str | None = None) -> str:
@@ -372,7 +376,7 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
         result.run_id = run.info.run_id
         _log_training_artifacts(result, folder)
         if settings.tracking.log_models:
-            _log_model(result.model_path, cache, tracking.pinned_requirements())
+            result.model_uri = _log_model(result.model_path, cache, tracking.pinned_requirements())
     return result
 
 
@@ -391,6 +395,10 @@ def finish_training(
         if (layout.models / RUN_FILE).is_file():
             previous = read_runs(layout.models)
     runs = {**previous, "parent": parent_run_id, **{n: r.run_id for n, r in results.items()}}
+    runs["model_uris"] = {
+        **previous.get("model_uris", {}),
+        **{n: r.model_uri for n, r in results.items() if r.model_uri},
+    }
     (staging / RUN_FILE).write_text(json.dumps(runs, indent=2) + "\n")
     if layout.models.exists():
         shutil.rmtree(layout.models)
@@ -431,8 +439,9 @@ def _log_training_artifacts(result: TrainResult, folder: Path) -> None:
 
     from bonefrac.evaluate import training_curves_plot
 
-    plot = training_curves_plot(result.history, folder / "training_curves.png")
-    mlflow.log_artifact(str(plot))
+    if result.history:  # no curves when a profile trains zero epochs
+        plot = training_curves_plot(result.history, folder / "training_curves.png")
+        mlflow.log_artifact(str(plot))
     mlflow.log_artifact(str(folder / "meta.json"))
     mlflow.log_metrics(
         {

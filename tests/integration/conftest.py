@@ -12,15 +12,32 @@ import pytest
 import yaml
 
 VENV_BIN = str(Path(sys.executable).parent)
-SKIP = {".venv", ".git", "data", "artifacts", "mlflow.db", "mlartifacts", ".cache", "bentoml",
-        "dvc.lock", ".pytest_cache", ".ruff_cache", "__pycache__", ".prefect"}
+SKIP = {
+    ".venv",
+    ".git",
+    "data",
+    "artifacts",
+    "mlflow.db",
+    "mlartifacts",
+    ".cache",
+    "bentoml",
+    "dvc.lock",
+    ".pytest_cache",
+    ".ruff_cache",
+    "__pycache__",
+    ".prefect",
+}
 
 
 def tool_env(project: Path, **extra: str) -> dict[str, str]:
     """Environment for running the project's tools in `project` (its venv first on PATH)."""
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "GX_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
     env.pop("BONEFRAC_PROFILE", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
@@ -28,8 +45,14 @@ def tool_env(project: Path, **extra: str) -> dict[str, str]:
 
 
 def run(project: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(args), cwd=project, capture_output=True, text=True,
-                            env=tool_env(project, **env), timeout=1800)
+    result = subprocess.run(
+        list(args),
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=tool_env(project, **env),
+        timeout=1800,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -52,6 +75,7 @@ def set_params(project: Path, **values) -> None:
 def project_copy(project_root, tmp_path) -> Path:
     """The project's files in a temp git repo, with a small synthetic MURA in data/."""
     target = tmp_path / "project"
+
     def ignore(folder: str, names: list[str]) -> list[str]:
         top = Path(folder) == project_root
         return [n for n in names if n == "__pycache__" or (top and n in SKIP)]
@@ -64,3 +88,48 @@ def project_copy(project_root, tmp_path) -> Path:
     run(target, "dvc", "add", "-q", "data")  # this copy's own data version
     set_params(target, profile="quick")
     return target
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A full copy of a project that has run (artifacts, MLflow store, BentoML home), so a
+    test can change it without touching the original."""
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Prefect's own test harness: a temporary API and database for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(project_root, tmp_path_factory, prefect_harness):
+    """The retraining flow, run once on a small SYNTHETIC dataset in a project copy with its
+    own MLflow store, DVC remote and BentoML home. Shared by the flow and training tests."""
+    from flows.retrain import retrain, task_runner
+
+    from bonefrac.config import load_settings
+
+    base = tmp_path_factory.mktemp("pipeline")
+    project = base / "project"
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder) == project_root
+        return [n for n in names if n == "__pycache__" or (top and n in SKIP)]
+
+    shutil.copytree(project_root, project, ignore=ignore)
+    run(project, "git", "init", "-q")
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    run(project, "bonefrac", "demo-data", "--patients", "10", "--size", "96", "--seed", "1")
+    set_params(project, profile="quick")
+    os.environ["BENTOML_HOME"] = str(project / "bentoml")
+    settings = load_settings(project / "params.yaml", env={})
+    flow = retrain.with_options(task_runner=task_runner(settings))
+    summary = flow(params=str(project / "params.yaml"))
+    return project, settings, summary

@@ -4,6 +4,7 @@ evaluate them; everything lands in a real MLflow store in a temp folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,33 +13,33 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bonefrac.evaluate import read_submission
-from bonefrac.stages import run_fit_pca, run_preprocess, run_validate
 
 pytestmark = pytest.mark.slow
 MODELS = ("body_part", "elbow", "hand", "shoulder")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, quick_settings_factory):
-    from bonefrac.data import synthetic
-    from bonefrac.evaluate.stage import run_evaluate_stage
-    from bonefrac.train import run_train_stage
+def trained(pipeline_run):
+    """The flow's run: the same stage functions `dvc repro` and `bonefrac train` call."""
+    from bonefrac.evaluate.stage import EvaluationSummary
+    from bonefrac.train import TrainResult
 
-    base = tmp_path_factory.mktemp("pipeline")
-    synthetic.generate(base / "data", patients=10, size=96, seed=1)
-    settings = quick_settings_factory(
-        base / "data", base / "artifacts",
-        **{"tracking.tracking_uri": f"sqlite:///{base}/mlflow.db",
-           "paths.mlflow_artifacts": str(base / "mlartifacts"),
-           "train.finetune_epochs": 4},
-    )
-    assert run_validate(settings).success
-    run_preprocess(settings, progress=False)
-    run_fit_pca(settings)
-    results = run_train_stage(settings)
-    summary = run_evaluate_stage(settings)
-    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
-    return settings, results, summary
+    project, settings, summary = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = json.loads((settings.layout.models / "runs.json").read_text())
+    results = {
+        name: TrainResult(
+            name,
+            settings.layout.models / name / "model.keras",
+            json.loads((settings.layout.models / name / "meta.json").read_text())["history"],
+            0,
+            0.0,
+            0.0,
+            run_id=runs[name],
+        )
+        for name in MODELS
+    }
+    return settings, results, EvaluationSummary(settings.layout.evaluation, summary["metrics"])
 
 
 def test_body_part_model_clearly_beats_chance(trained):
@@ -60,7 +61,8 @@ def test_fracture_metrics_are_computed_at_both_levels_with_cis(trained):
             low, high = metrics["ci"]["kappa"]
             assert low <= metrics["kappa"] <= high
         operating_point = json.loads(
-            (settings.layout.evaluation / part / "operating_point.json").read_text())
+            (settings.layout.evaluation / part / "operating_point.json").read_text()
+        )
         assert 0 < operating_point["threshold"] < 1 and operating_point["temperature"] > 0
     assert 0 <= report["end_to_end"]["routing_accuracy"] <= 1
 
@@ -105,11 +107,18 @@ def test_mlflow_holds_params_metrics_and_artifacts(trained):
         assert len(client.get_metric_history(runs[name], "val_auc")) == len(epochs)
         top = {a.path for a in client.list_artifacts(runs[name])}
         assert {"training_curves.png", "meta.json"} <= top
-        evaluation = {a.path.split("/")[-1] for a in client.list_artifacts(runs[name], "evaluation")}
+        evaluation = {
+            a.path.split("/")[-1] for a in client.list_artifacts(runs[name], "evaluation")
+        }
         assert {"confusion_matrix.png", "classification_report.txt"} <= evaluation
         if name != "body_part":
-            assert {"roc.png", "pr.png", "reliability.png", "model_card.md",
-                    "operating_point.json"} <= evaluation
+            assert {
+                "roc.png",
+                "pr.png",
+                "reliability.png",
+                "model_card.md",
+                "operating_point.json",
+            } <= evaluation
             assert "test_study_kappa" in run.data.metrics
     body = client.get_run(runs["body_part"])
     assert "test_accuracy" in body.data.metrics
@@ -120,10 +129,10 @@ def test_logged_model_round_trips_with_identical_outputs(trained):
 
     settings, _, _ = trained
     runs = json.loads((settings.layout.models / "runs.json").read_text())
-    logged = mlflow.keras.load_model(f"runs:/{runs['elbow']}/model")
+    logged = mlflow.keras.load_model(runs["model_uris"]["elbow"])
     local = keras.models.load_model(settings.layout.models / "elbow" / "model.keras")
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(logged(x)), np.asarray(local(x)), rtol=1e-5)
-    requirements = mlflow.pyfunc.get_model_dependencies(f"runs:/{runs['elbow']}/model")
-    text = open(requirements).read()
+    requirements = mlflow.pyfunc.get_model_dependencies(runs["model_uris"]["elbow"])
+    text = Path(requirements).read_text()
     assert "keras==" in text and "tensorflow" in text

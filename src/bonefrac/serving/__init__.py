@@ -1,0 +1,2 @@
+"""Serving: `predictor` (pure two-stage inference), `service` (the BentoML service) and `web/`
+(the upload page the service serves)."""

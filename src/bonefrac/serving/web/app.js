@@ -1,0 +1,398 @@
+// bonefrac upload page: vanilla JS, no external resources (the page must work offline).
+// Server data is only ever inserted as text (textContent), never as HTML.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const form = $("upload-form");
+  const input = $("files");
+  const dropzone = $("dropzone");
+  const fileList = $("file-list");
+  const statusLine = $("status");
+  const errors = $("errors");
+  const results = $("results");
+  const analyseButton = $("analyse");
+  let chosen = [];
+  let objectUrls = [];
+
+  const FINDINGS = {
+    fracture: { label: "Fracture suspected", css: "fracture" },
+    no_fracture: { label: "No fracture detected", css: "no-fracture" },
+    uncertain: { label: "Uncertain", css: "uncertain" },
+  };
+
+  // el("p", {class: "x"}, "text", child) -> element; strings become text nodes.
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else node.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(typeof child === "string" ? document.createTextNode(child) : child);
+    }
+    return node;
+  }
+
+  const percent = (p) => `${(100 * p).toFixed(p < 0.01 || p > 0.99 ? 1 : 0)}%`;
+  const title = (s) => (s ? s.charAt(0).toUpperCase() + s.slice(1) : "");
+  const formatSize = (n) => (n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${Math.max(1, Math.round(n / 1e3))} kB`);
+
+  function setFiles(list) {
+    chosen = Array.from(list || []);
+    fileList.replaceChildren(
+      ...chosen.map((f) => el("li", {}, el("span", { class: "file-name", text: f.name }), ` ${formatSize(f.size)}`)),
+    );
+    analyseButton.textContent = chosen.length > 1 ? `Analyse study (${chosen.length} images)` : "Analyse";
+  }
+
+  function clearOutput() {
+    errors.replaceChildren();
+    results.replaceChildren();
+    statusLine.textContent = "";
+    objectUrls.forEach((url) => URL.revokeObjectURL(url));
+    objectUrls = [];
+  }
+
+  function showError(heading, message, code) {
+    const hint =
+      code === "out_of_distribution"
+        ? "If you are sure this is an elbow, hand or shoulder X-ray, tick “Analyse even if…” and try again."
+        : null;
+    errors.append(
+      el(
+        "div",
+        { class: "error", role: "alert" },
+        el("h2", { class: "error-title", text: heading }),
+        el("p", { text: message }),
+        hint && el("p", { class: "error-hint", text: hint }),
+        code && el("p", { class: "error-code", text: `Error code: ${code}` }),
+      ),
+    );
+  }
+
+  input.addEventListener("change", () => setFiles(input.files));
+  ["dragenter", "dragover"].forEach((type) =>
+    dropzone.addEventListener(type, (event) => {
+      event.preventDefault();
+      dropzone.classList.add("dragging");
+    }),
+  );
+  ["dragleave", "drop"].forEach((type) =>
+    dropzone.addEventListener(type, () => dropzone.classList.remove("dragging")),
+  );
+  dropzone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer && event.dataTransfer.files.length) setFiles(event.dataTransfer.files);
+  });
+  $("clear").addEventListener("click", () => {
+    form.reset();
+    setFiles([]);
+    clearOutput();
+    input.focus();
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    analyse();
+  });
+
+  async function analyse() {
+    clearOutput();
+    if (!chosen.length) {
+      showError("No file chosen", "Choose one or more X-ray files (PNG, JPEG or DICOM) first.", null);
+      input.focus();
+      return;
+    }
+    const files = chosen.slice();
+    const single = files.length === 1;
+    const body = new FormData();
+    files.forEach((file) => body.append(single ? "image" : "images", file, file.name));
+    body.append("explain", $("explain").checked ? "true" : "false");
+    body.append("allow_ood", $("allow-ood").checked ? "true" : "false");
+
+    analyseButton.disabled = true;
+    statusLine.textContent = single ? "Analysing the image…" : `Analysing the study of ${files.length} images…`;
+    try {
+      const response = await fetch(single ? "/predict" : "/predict_study", { method: "POST", body });
+      let data = null;
+      try {
+        data = await response.json();
+      } catch (_) {
+        data = null;
+      }
+      const what = single ? files[0].name : `the study (${files.map((f) => f.name).join(", ")})`;
+      if (!response.ok || !data || data.error) {
+        const error = (data && data.error) || {};
+        showError(
+          `Could not analyse ${what}`,
+          error.message || `The server answered ${response.status} ${response.statusText}.`,
+          error.code || null,
+        );
+        statusLine.textContent = "";
+        return;
+      }
+      statusLine.textContent = "Analysis complete.";
+      results.append(renderResult(data, files));
+      results.focus();
+    } catch (err) {
+      showError("The server could not be reached", "Check the connection and try again.", null);
+      statusLine.textContent = "";
+    } finally {
+      analyseButton.disabled = false;
+    }
+  }
+
+  // -- rendering --------------------------------------------------------------------------
+
+  function renderResult(data, files) {
+    const study = data.level === "study";
+    const heading = study ? `Study of ${data.n_images} images` : files[0].name;
+    const article = el(
+      "article",
+      { class: "result", "aria-labelledby": "result-title" },
+      el(
+        "header",
+        { class: "result-header" },
+        el("h2", { id: "result-title", text: heading }),
+        findingBadge(data.fracture.finding),
+      ),
+      renderNotices(data.notices),
+    );
+    const summary = el("div", { class: "summary" });
+    if (!study) summary.append(renderFigure(data, files[0]));
+    summary.append(renderFacts(data, study));
+    article.append(summary);
+    if (study) {
+      article.append(
+        el("h3", { class: "section-title", text: "Images" }),
+        el("div", { class: "image-grid" }, data.images.map((image, i) => renderImageCard(image, files[i]))),
+      );
+    }
+    article.append(renderRecommendation(data.recommendation));
+    article.append(renderVersions(data));
+    article.append(el("p", { class: "result-disclaimer" }, el("strong", { text: "Disclaimer: " }), data.disclaimer));
+    return article;
+  }
+
+  function renderNotices(notices) {
+    if (!notices || !notices.length) return null;
+    return el(
+      "ul",
+      { class: "notices", "aria-label": "Notices" },
+      notices.map((text) => el("li", { class: "notice", text })),
+    );
+  }
+
+  function findingBadge(finding) {
+    const info = FINDINGS[finding] || { label: finding, css: "uncertain" };
+    return el("span", { class: `badge finding-${info.css}`, "data-finding": finding, text: info.label });
+  }
+
+  function renderFigure(data, file) {
+    const figure = el("figure", { class: "xray" });
+    const originalUrl = URL.createObjectURL(file);
+    objectUrls.push(originalUrl);
+    const heatmapUrl = data.heatmap ? `data:image/png;base64,${data.heatmap}` : null;
+    const img = el("img", {
+      src: heatmapUrl || originalUrl,
+      alt: heatmapUrl ? `Grad-CAM heatmap over ${file.name}` : `X-ray ${file.name}`,
+    });
+    figure.append(img);
+    const caption = el("figcaption", {});
+    if (heatmapUrl) {
+      caption.append(heatmapCaption(data.heatmap_info));
+      const toggle = el("button", { type: "button", class: "button small", "aria-pressed": "true", text: "Hide heatmap" });
+      toggle.addEventListener("click", () => {
+        const showing = toggle.getAttribute("aria-pressed") === "true";
+        img.src = showing ? originalUrl : heatmapUrl;
+        img.alt = showing ? `X-ray ${file.name}` : `Grad-CAM heatmap over ${file.name}`;
+        toggle.setAttribute("aria-pressed", showing ? "false" : "true");
+        toggle.textContent = showing ? "Show heatmap" : "Hide heatmap";
+      });
+      // Browsers cannot display DICOM: then only the heatmap (over the model input) is shown.
+      const probe = new Image();
+      probe.onerror = () => toggle.remove();
+      probe.src = originalUrl;
+      caption.append(toggle);
+    } else {
+      img.onerror = () => {
+        figure.replaceChildren(el("p", { class: "muted", text: "This file type cannot be displayed by the browser." }));
+      };
+    }
+    figure.append(caption);
+    return figure;
+  }
+
+  function heatmapCaption(info) {
+    if (info && info.empty) {
+      return el("span", { class: "muted", text: "Heatmap: no region raised the fracture score." });
+    }
+    return el("span", { class: "muted", text: "Heatmap: red = regions that raised the fracture score most." });
+  }
+
+  function renderFacts(data, study) {
+    const part = data.body_part;
+    const partProb = part.probabilities[part.label];
+    const facts = el("dl", { class: "facts" });
+    facts.append(
+      el("dt", { text: study ? "Body part (combined)" : "Body part" }),
+      el(
+        "dd",
+        { "data-field": "body-part" },
+        el("strong", { text: title(part.label) }),
+        ` (${percent(partProb)})`,
+        part.confident ? null : el("span", { class: "badge finding-uncertain small", text: "uncertain" }),
+      ),
+      el("dt", { text: study ? "Fracture probability (mean of images)" : "Fracture probability" }),
+      el("dd", {}, probabilityBar(data.fracture)),
+      el("dt", { text: "Finding" }),
+      el("dd", { "data-field": "finding" }, findingBadge(data.fracture.finding)),
+      el("dt", { text: "Image quality" }),
+      el(
+        "dd",
+        {},
+        data.quality.accepted
+          ? "Looks like the training radiographs"
+          : "Unlike the training radiographs (analysed by override)",
+        el("span", { class: "muted", text: ` · OOD score ${data.quality.ood_score.toFixed(2)} (limit ${data.quality.ood_limit})` }),
+      ),
+    );
+    return facts;
+  }
+
+  function probabilityBar(fracture) {
+    const p = fracture.probability;
+    const t = fracture.threshold;
+    const band = fracture.uncertain_band || 0;
+    const info = FINDINGS[fracture.finding] || FINDINGS.uncertain;
+    const fill = el("div", { class: `bar-fill finding-${info.css}` });
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    const bandEl = el("div", { class: "bar-band", title: "uncertain band" });
+    bandEl.style.left = `${(100 * Math.max(0, t - band)).toFixed(1)}%`;
+    bandEl.style.width = `${(100 * (Math.min(1, t + band) - Math.max(0, t - band))).toFixed(1)}%`;
+    const marker = el("div", { class: "bar-threshold", title: `threshold ${t.toFixed(2)}` });
+    marker.style.left = `${(100 * t).toFixed(1)}%`;
+    return el(
+      "div",
+      { class: "prob" },
+      el("div", { class: "prob-value", "data-field": "probability", text: percent(p) }),
+      el(
+        "div",
+        {
+          class: "bar",
+          role: "meter",
+          "aria-label": "Fracture probability",
+          "aria-valuemin": "0",
+          "aria-valuemax": "100",
+          "aria-valuenow": (100 * p).toFixed(0),
+          "aria-valuetext": `${percent(p)}, threshold ${percent(t)}`,
+        },
+        bandEl,
+        fill,
+        marker,
+      ),
+      el("div", { class: "prob-scale muted", text: `threshold ${percent(t)} · uncertain within ±${percent(band)} · calibrated` }),
+    );
+  }
+
+  function renderImageCard(image, file) {
+    const card = el("div", { class: "image-card" });
+    if (image.heatmap) {
+      card.append(el("img", { src: `data:image/png;base64,${image.heatmap}`, alt: `Grad-CAM heatmap over ${file ? file.name : "image"}` }));
+    } else if (file) {
+      const url = URL.createObjectURL(file);
+      objectUrls.push(url);
+      const img = el("img", { src: url, alt: `X-ray ${file.name}` });
+      img.onerror = () => img.remove();
+      card.append(img);
+    }
+    card.append(
+      el("p", { class: "file-name", text: file ? file.name : `Image ${image.index + 1}` }),
+      el("p", {}, "Body part: ", el("strong", { text: title(image.body_part.label) }), ` (${percent(image.body_part.probabilities[image.body_part.label])})`),
+      probabilityBar(image.fracture),
+      findingBadge(image.fracture.finding),
+    );
+    return card;
+  }
+
+  function renderRecommendation(rec) {
+    const number = new Map(rec.sources.map((s, i) => [s.id, i + 1]));
+    const cite = (statement) => {
+      const refs = statement.sources.map((id) => number.get(id)).filter(Boolean).sort((a, b) => a - b);
+      return refs.length ? el("sup", { class: "cite", text: ` [${refs.join(", ")}]` }) : null;
+    };
+    const line = (statement) => el("li", {}, statement.text, cite(statement));
+    const block = (heading, statements) =>
+      el("div", { class: "rec-block" }, el("h4", { text: heading }), el("ul", {}, statements.map(line)));
+
+    const section = el(
+      "section",
+      { class: "recommendation", "aria-labelledby": "rec-title" },
+      el("h3", { id: "rec-title", class: "section-title", text: "Recommendation" }),
+      el(
+        "p",
+        { class: `urgency urgency-${rec.urgency.level}` },
+        el("span", { class: "urgency-level", text: rec.urgency.level.toUpperCase() }),
+        " ",
+        rec.urgency.text,
+        cite(rec.urgency),
+      ),
+      el("p", { class: "rec-summary", text: rec.summary }),
+    );
+    if (rec.review_by_radiologist) {
+      section.append(
+        el(
+          "div",
+          { class: "review" },
+          el("strong", { text: "Radiologist review: " }),
+          rec.review_advice || "",
+          rec.review_reasons.length ? el("ul", {}, rec.review_reasons.map((r) => el("li", { text: r }))) : null,
+        ),
+      );
+    }
+    section.append(
+      el(
+        "div",
+        { class: "rec-grid" },
+        block("Immediate care", rec.immediate_care),
+        block("Further imaging", rec.further_imaging),
+        block("Referral", [rec.referral]),
+        block("Follow-up", [rec.follow_up]),
+        block("Red flags: seek emergency care", rec.red_flags),
+      ),
+      el("p", { class: "muted" }, "Scope: ", rec.scope.text, cite(rec.scope)),
+      el("h4", { text: "Sources" }),
+      el(
+        "ol",
+        { class: "sources" },
+        rec.sources.map((s) =>
+          el(
+            "li",
+            {},
+            s.url ? el("a", { href: s.url, rel: "noopener noreferrer", target: "_blank", text: s.title }) : s.title,
+            `. ${s.section}.`,
+          ),
+        ),
+      ),
+      el("p", { class: "muted small", text: `Guidance content ${rec.content_version}. ${rec.content_status}` }),
+    );
+    return section;
+  }
+
+  function renderVersions(data) {
+    const models = Object.entries(data.model_versions.models || {})
+      .map(([name, v]) => `${name} ${v.version || (v.run_id ? v.run_id.slice(0, 8) : "?")}`)
+      .join(" · ");
+    return el(
+      "p",
+      { class: "muted small versions" },
+      `Models: ${data.model_versions.bundle}`,
+      data.model_versions.created ? ` (packaged ${data.model_versions.created})` : "",
+      models ? ` · ${models}` : "",
+      data.synthetic_models ? " · trained on SYNTHETIC data" : "",
+    );
+  }
+})();

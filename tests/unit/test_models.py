@@ -1,0 +1,109 @@
+"""ResNet50 classifiers: weights sources, heads, fine-tuning phases, strategies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bonefrac.config import TrainConfig
+from bonefrac.errors import UserError
+from bonefrac.models import resolve_weights
+
+
+def test_weights_setting_is_checked_in_one_line(tmp_path):
+    assert resolve_weights("imagenet") == "imagenet"
+    assert resolve_weights("none") is None
+    with pytest.raises(UserError, match="not found") as info:
+        resolve_weights(str(tmp_path / "resnet50.h5"))
+    assert "\n" not in str(info.value)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"\.h5 or \.keras"):
+        resolve_weights(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.slow
+def test_local_weights_file_for_air_gapped_sites(tmp_path):
+    """A hospital without internet points train.weights at a local file (here: made by us)."""
+    import keras
+
+    from bonefrac.models import backbone_of, build_classifier, set_phase
+
+    source = keras.applications.ResNet50(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
+    )
+    path = tmp_path / "resnet50_notop.weights.h5"
+    source.save_weights(path)
+    model = build_classifier(1, 32, TrainConfig(weights=str(path)), "fracture")
+    backbone = backbone_of(model)
+    for mine, theirs in zip(backbone.weights, source.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    assert model.output_shape == (None, 1)
+    # pretrained backbone: phase 1 freezes it; phase 2 unfreezes the top layers, BN stays frozen
+    cfg = TrainConfig(weights=str(path), finetune_layers=10)
+    set_phase(model, "head", cfg)
+    assert not backbone.trainable
+    set_phase(model, "finetune", cfg)
+    trainable = [layer for layer in backbone.layers if layer.trainable]
+    assert 0 < len(trainable) <= 10
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    body = build_classifier(3, 32, TrainConfig(weights="none"), "body_part")
+    x = np.zeros((2, 32, 32, 3), np.float32)
+    np.testing.assert_allclose(np.asarray(body(x)).sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    """MirroredStrategy, exercised on one CPU split into two logical devices (subprocess:
+    the split must happen before TensorFlow initialises)."""
+    size, n = 32, 24
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", rng.integers(0, 255, (n, size, size), dtype=np.uint8))
+    rows = [
+        {
+            "path": f"p{i}",
+            "split": "train" if i < 16 else "val",
+            "part": "XR_HAND",
+            "body_part": "hand",
+            "patient_id": f"patient{i}",
+            "study_id": f"s{i}",
+            "study_path": f"s{i}/",
+            "view": 1,
+            "label": i % 2,
+        }
+        for i in range(n)
+    ]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "index.csv", index=False)
+    (tmp_path / "meta.json").write_text(json.dumps({"image_size": size, "key": "t"}))
+    script = textwrap.dedent(f"""
+        import json, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from pathlib import Path
+        from bonefrac.cache import load_cache
+        from bonefrac.config import TrainConfig
+        from bonefrac.models import make_strategy
+        from bonefrac.train import fit_model
+        strategy = make_strategy("mirrored")
+        cfg = TrainConfig(weights="none", strategy="mirrored", batch_size=4, head_epochs=0,
+                          finetune_epochs=1, finetune_layers=0, augment=False)
+        result = fit_model(load_cache(Path({str(tmp_path)!r})), "hand", ["hand"], cfg,
+                           Path({str(tmp_path / "model")!r}))
+        print(json.dumps({{"replicas": strategy.num_replicas_in_sync,
+                          "loss": result.history["loss"]}}))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2
+    assert len(report["loss"]) == 1 and np.isfinite(report["loss"][0])
+    assert (tmp_path / "model" / "model.keras").is_file()
