@@ -253,6 +253,7 @@ def retrain(
         "parent_run_id": parent_run_id,
         "data_version": data_version["md5"],
         "drift": drift,
+        "preprocess_skipped": preprocessed["skipped"],
         "pca_skipped": pca["skipped"],
         "metrics": metrics,
         "decisions": [d.to_dict() for d in decisions],
