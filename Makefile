@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,12 @@ demo: setup
 	$(BIN)/bonefrac --profile quick pipeline
 	$(BIN)/bonefrac --profile quick serve
 
-test: setup
+# Browser tests drive Debian's Chromium headless; install it when missing (needs root/apt).
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -11,6 +11,7 @@ stage fails the flow, marks its MLflow runs FAILED and promotes nothing.
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -202,7 +203,7 @@ def retrain(
 
     from bonefrac.config import load_settings
     from bonefrac.data.synthetic import is_synthetic
-    from bonefrac.train import mark_run, model_names
+    from bonefrac.train import mark_run, model_names, staging_dir
 
     overrides = {"paths": {"data": data}} if data else None
     settings = load_settings(params, profile, overrides)
@@ -224,6 +225,7 @@ def retrain(
         packaged = package(settings, decisions)
         promote(settings, decisions)
     except BaseException:
+        shutil.rmtree(staging_dir(settings, parent_run_id), ignore_errors=True)
         _fail_runs(settings, parent_run_id)
         raise
     from bonefrac import tracking

@@ -270,11 +270,12 @@ def fit_model(
     seconds = time.perf_counter() - start
     best_epoch = best.restore()
 
-    val_metrics = {}
-    if val_ds is not None:
-        val_metrics = {
-            k: float(v) for k, v in model.evaluate(val_ds, verbose=0, return_dict=True).items()
-        }
+    # the kept weights' validation numbers, as Keras logged them at that epoch
+    val_metrics = {
+        key.removeprefix("val_"): values[best_epoch]
+        for key, values in history.items()
+        if key.startswith("val_") and len(values) > best_epoch
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.keras"
     inference_model(model).save(model_path)

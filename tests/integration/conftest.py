@@ -91,9 +91,10 @@ def project_copy(project_root, tmp_path) -> Path:
 
 
 def copy_project(source: Path, target: Path) -> Path:
-    """A full copy of a project that has run (artifacts, MLflow store, BentoML home), so a
-    test can change it without touching the original."""
+    """A full copy of a project that has run (artifacts, MLflow store, and the BentoML home
+    beside it), so a test can change it without touching the original."""
     shutil.copytree(source, target, symlinks=True)
+    shutil.copytree(source.parent / "bentoml", target.parent / "bentoml", symlinks=True)
     return target
 
 
@@ -128,7 +129,7 @@ def pipeline_run(project_root, tmp_path_factory, prefect_harness):
     run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
     run(project, "bonefrac", "demo-data", "--patients", "10", "--size", "96", "--seed", "1")
     set_params(project, profile="quick")
-    os.environ["BENTOML_HOME"] = str(project / "bentoml")
+    os.environ["BENTOML_HOME"] = str(base / "bentoml")  # outside the Bento's build context
     settings = load_settings(project / "params.yaml", env={})
     flow = retrain.with_options(task_runner=task_runner(settings))
     summary = flow(params=str(project / "params.yaml"))

@@ -29,7 +29,8 @@ def client_for(project) -> MlflowClient:
 def champions(project) -> dict[str, str]:
     client = client_for(project)
     return {
-        name: client.get_model_version_by_alias(name, "champion").version for name in REGISTERED
+        name: str(client.get_model_version_by_alias(name, "champion").version)
+        for name in REGISTERED
     }
 
 
@@ -38,7 +39,7 @@ def run_flow(project):
 
     from bonefrac.config import load_settings
 
-    os.environ["BENTOML_HOME"] = str(project / "bentoml")
+    os.environ["BENTOML_HOME"] = str(project.parent / "bentoml")
     settings = load_settings(project / "params.yaml", env={})
     return retrain(params=str(project / "params.yaml")), settings
 
@@ -63,7 +64,7 @@ def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
     assert summary["data_version"].endswith(".dir")
     assert any((project / ".cache/dvc-remote").rglob("*"))
     # the champions are in the BentoML store and a Bento was built from bentofile.yaml
-    os.environ["BENTOML_HOME"] = str(project / "bentoml")
+    os.environ["BENTOML_HOME"] = str(project.parent / "bentoml")
     assert bentoml.models.get(summary["model_tag"]).info.metadata["synthetic"] is True
     assert summary["bento_tag"] and bentoml.get(summary["bento_tag"]).tag.name == "bonefrac"
     parent = client.get_run(summary["parent_run_id"])
@@ -74,7 +75,7 @@ def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
 def test_rerun_skips_cached_stages_and_a_worse_challenger_does_not_win(pipeline_run, tmp_path):
     project = copy_project(pipeline_run[0], tmp_path / "project")
     # same data and preprocessing; training crippled (no epochs: untrained networks)
-    set_params(project, profiles__quick__train__finetune_epochs=0)
+    set_params(project, profiles__quick__train__finetune_epochs=0, pipeline__build_bento=False)
     summary, _ = run_flow(project)
     assert summary["preprocess_skipped"] and summary["pca_skipped"]
     assert summary["data_version"] == pipeline_run[2]["data_version"]
@@ -99,29 +100,31 @@ def test_rerun_skips_cached_stages_and_a_worse_challenger_does_not_win(pipeline_
 def test_failed_stage_promotes_nothing_and_marks_runs_failed(pipeline_run, tmp_path):
     project = copy_project(pipeline_run[0], tmp_path / "project")
     before = champions(project)
-    set_params(project, profiles__quick__train__finetune_epochs=0)
-    (project / "bentofile.yaml").unlink()  # packaging will fail after training and evaluation
+    # the train stage fails: the configured weights file is missing
+    set_params(project, profiles__quick__train__weights=str(tmp_path / "missing.h5"))
     from prefect.exceptions import PrefectException
 
-    from bonefrac.errors import DataError
+    from bonefrac.errors import UserError
 
-    with pytest.raises((DataError, PrefectException), match="bentofile.yaml"):
+    with pytest.raises((UserError, PrefectException), match="missing.h5"):
         run_flow(project)
     assert champions(project) == before
     client = client_for(project)
     experiment = client.get_experiment_by_name("bonefrac")
-    latest = client.search_runs(
+    parents = client.search_runs(
         [experiment.experiment_id],
-        "tags.`bonefrac.git_commit` != ''",
+        "attributes.run_name LIKE 'pipeline-%'",
         order_by=["start_time DESC"],
         max_results=1,
-    )[0]
-    parent_id = latest.data.tags.get("mlflow.parentRunId", latest.info.run_id)
-    family = client.search_runs(
-        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
     )
-    assert client.get_run(parent_id).info.status == "FAILED"
+    parent = parents[0]
+    assert parent.info.run_id != pipeline_run[2]["parent_run_id"]
+    family = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert parent.info.status == "FAILED"
     assert family and all(r.info.status == "FAILED" for r in family)
+    assert not (project / "artifacts" / f".models.{parent.info.run_id}").exists()
 
 
 def test_prefect_yaml_deploys_the_flow_weekly(project_root):
