@@ -31,7 +31,14 @@ def configure(settings: Settings) -> str:
     import mlflow
 
     uri = tracking_uri(settings)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment, where the next load_settings in this
+    # process would read it as the user's override and log another project's runs here.
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
     name = settings.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:

@@ -35,13 +35,14 @@ def champions(project) -> dict[str, str]:
 
 
 def run_flow(project):
-    from flows.retrain import retrain
+    from flows.retrain import retrain, task_runner
 
     from bonefrac.config import load_settings
 
     os.environ["BENTOML_HOME"] = str(project.parent / "bentoml")
     settings = load_settings(project / "params.yaml", env={})
-    return retrain(params=str(project / "params.yaml")), settings
+    flow = retrain.with_options(task_runner=task_runner(settings))  # as `bonefrac pipeline`
+    return flow(params=str(project / "params.yaml")), settings
 
 
 def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
