@@ -21,10 +21,12 @@ import html
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
@@ -43,6 +45,7 @@ PARAMS_ENV = "BONEFRAC_PARAMS"  # params.yaml for the serve settings; `bonefrac 
 ERROR_HEADER = "x-bonefrac-error"  # marks our own error responses for UploadGuard
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields
 DRAIN_LIMIT = 256 * 1024 * 1024  # read (and drop) at most this much of a refused body
+MAX_BATCH = 16  # adaptive batching's largest batch (and files in one /predict_batch request)
 
 logger = logging.getLogger("bonefrac.serving")
 
@@ -57,7 +60,7 @@ STATUS = {
     "dicom_no_pixels": 422,
     "out_of_distribution": 422,
     "too_many_images": 422,
-}
+}  # everything else: 400
 
 
 @lru_cache(maxsize=1)
@@ -145,7 +148,9 @@ class UploadGuard:
     1. A body over the route's limit is refused with 413 before the API parses it (declared
        by Content-Length, or counted while a chunked body streams in); the rest of the body
        is read and dropped so the client sees the 413 instead of a reset connection.
-    2. Errors BentoML produces before our code runs (a missing or malformed form field: its
+    2. A file field sent as plain text is refused with 400 while the form streams in: BentoML
+       would otherwise treat the text as a URL and download it (server-side request forgery).
+    3. Errors BentoML produces before our code runs (a missing or malformed form field: its
        400 validation error, or a 500 from parsing a form that is not what the API takes) are
        rewritten to `{"error": {"code", "message"}}` with a 4xx status. Our own errors carry
        ERROR_HEADER and pass through untouched, as do successful responses.
@@ -171,49 +176,67 @@ class UploadGuard:
             await _send_error(send, 413, "too_large", _too_large(declared, limit))
             return
 
-        state = {"received": 0, "overflow": False, "started": False, "held": None}
-        body: list[bytes] = []
+        plain_field = re.compile(
+            rb'content-disposition:[^\r\n]*\bname="?' + re.escape(field.encode()) + rb'"?'
+            rb"(?:;[^\r\n]*)?\r?\n",
+            re.IGNORECASE,
+        )
+        state: dict[str, Any] = {"received": 0, "tail": b"", "refusal": None, "sent": False}
+        held: dict[str, Any] = {"start": None, "body": []}
+
+        async def refuse(message, refusal: tuple[int, str, str]):
+            state["refusal"] = refusal
+            if message.get("more_body", False):
+                await _drain(receive)
+            return {"type": "http.disconnect"}  # the form parser stops here
 
         async def guarded_receive():
-            if state["overflow"]:
+            if state["refusal"]:
                 return {"type": "http.disconnect"}
             message = await receive()
-            if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                if state["received"] > limit:
-                    state["overflow"] = True
-                    if message.get("more_body", False):
-                        await _drain(receive)
-                    return {"type": "http.disconnect"}  # the parser stops here
+            if message["type"] != "http.request":
+                return message
+            chunk = message.get("body", b"")
+            state["received"] += len(chunk)
+            if state["received"] > limit:
+                text = _too_large(state["received"], limit, at_least=True)
+                return await refuse(message, (413, "too_large", text))
+            window = state["tail"] + chunk
+            if any(b"filename" not in m.group(0).lower() for m in plain_field.finditer(window)):
+                text = f"the '{field}' field must be a file, not text or a URL; " + _HINT
+                return await refuse(message, (400, "not_a_file", text.format(field=field)))
+            state["tail"] = window[-4096:]  # a part header split across two chunks
             return message
 
         async def guarded_send(message):
             if message["type"] == "http.response.start":
                 headers = {k.lower() for k, _ in message.get("headers", [])}
-                ours = ERROR_HEADER.encode() in headers
-                if not state["overflow"] and (message["status"] < 400 or ours):
-                    state["started"] = True
+                if not state["refusal"] and (
+                    message["status"] < 400 or ERROR_HEADER.encode() in headers
+                ):
+                    state["sent"] = True
                     await send(message)
                 else:
-                    state["held"] = message
+                    held["start"] = message
                 return
-            if message["type"] == "http.response.body" and state["held"] is not None:
-                body.append(message.get("body", b""))
+            if message["type"] == "http.response.body" and held["start"] is not None:
+                held["body"].append(message.get("body", b""))
                 if not message.get("more_body", False):
-                    status = state["held"]["status"]
-                    state["held"], state["started"] = None, True
-                    if state["overflow"]:
-                        text = _too_large(state["received"], limit, at_least=True)
-                        await _send_error(send, 413, "too_large", text)
-                    else:
-                        await _send_error(send, *_translate(status, b"".join(body), field))
+                    status = held["start"]["status"]
+                    held["start"], state["sent"] = None, True
+                    refusal = state["refusal"] or _translate(status, b"".join(held["body"]), field)
+                    await _send_error(send, *refusal)
                 return
             await send(message)
 
-        await self.app(scope, guarded_receive, guarded_send)
-        if not state["started"] and state["overflow"]:
-            text = _too_large(state["received"], limit, at_least=True)
-            await _send_error(send, 413, "too_large", text)
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            if not state["refusal"]:
+                raise
+            # The app saw the disconnect we announced; the refusal below is the answer.
+        if not state["sent"] and state["refusal"]:
+            await _send_error(send, *state["refusal"])
 
 
 def _content_length(scope) -> int | None:
@@ -244,9 +267,12 @@ def _too_large(size: int, limit: int, at_least: bool = False) -> str:
     )
 
 
+_HINT = "send the X-ray as a multipart/form-data file field named '{field}'"
+
+
 def _translate(status: int, body: bytes, field: str) -> tuple[int, str, str]:
     """(status, code, message) for an error response that BentoML made."""
-    hint = f"send the X-ray as a multipart/form-data file field named '{field}'"
+    hint = _HINT.format(field=field)
     if status in (429, 503, 504):
         return status, "unavailable", "the server is busy; try again in a minute"
     try:
@@ -263,7 +289,7 @@ def _translate(status: int, body: bytes, field: str) -> tuple[int, str, str]:
             return 400, "missing_file", f"the request has no '{field}' file; {hint}"
         return 400, "bad_request", f"the form field '{location}' is invalid ({reason})"
     # A 500 here came from parsing the request before our code ran (our code answers its own
-    # failures): a form field that should be a file, or a body that is not a readable form.
+    # failures): e.g. a multipart body that does not parse, or an unknown file field.
     logger.warning("request rejected by BentoML with %s; answered 400", status)
     return 400, "bad_request", f"the request could not be read; {hint}"
 
@@ -326,7 +352,9 @@ class BonefracService:
 
         return answer("predict_study", work)
 
-    @bentoml.api(route="/predict_batch", batchable=True, max_batch_size=16, max_latency_ms=30_000)
+    @bentoml.api(
+        route="/predict_batch", batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=30_000
+    )
     def predict_batch(self, images: list[Path]) -> list[dict]:
         """Independent X-rays, batched across concurrent requests (adaptive batching). Each
         item gets the /predict result or its own `{"error": ...}`; no explain, no override.
@@ -346,7 +374,7 @@ def _limits() -> dict[str, tuple[int, str]]:
     return {
         "/predict": (one, "image"),
         "/predict_study": (one * MAX_STUDY_IMAGES, "images"),
-        "/predict_batch": (one * 16, "images"),
+        "/predict_batch": (one * MAX_BATCH, "images"),
     }
 
 

@@ -1,0 +1,201 @@
+"""Service fixtures: a small REAL bundle (untrained ResNet50s at 64 px, nothing trained, and a
+PCA fitted on synthetic radiographs), a Predictor on it, and one `bonefrac serve` subprocess
+for the whole session, with its own BentoML home and a 2 MB upload limit.
+
+Everything with TensorFlow is slow (seconds per model), so each is built once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIZE = 64
+MAX_UPLOAD_MB = 2  # the test server's serve.max_upload_mb: "too large" needs only 3 MB
+PARTS = ("elbow", "hand", "shoulder")
+STARTUP_TIMEOUT_S = 420  # TF import + 4 model loads + graph tracing on 2 busy cores
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A tiny SYNTHETIC MURA (4 patients per part) to fit the PCA and to upload."""
+    from bonefrac.data import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("mura"), patients=4, size=96, seed=3)
+
+
+@pytest.fixture(scope="session")
+def quick_settings(project_root):
+    from bonefrac.config import load_settings
+
+    settings = load_settings(project_root / "params.yaml", profile="quick", env={})
+    assert settings.preprocess.image_size == SIZE
+    return settings
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, synthetic_root, quick_settings) -> Path:
+    """A bundle folder exactly as packaging writes it, with untrained but real models."""
+    import keras
+
+    from bonefrac.bundle import write_bundle
+    from bonefrac.config import TrainConfig
+    from bonefrac.imaging import preprocess_file
+    from bonefrac.models import build_classifier
+    from bonefrac.pca import fit
+
+    work = tmp_path_factory.mktemp("bundle-parts")
+    keras.utils.set_random_seed(0)
+    files = {}
+    for name, outputs in (("body_part", 3), *((p, 1) for p in PARTS)):
+        model = build_classifier(outputs, SIZE, TrainConfig(weights="none"), name)
+        files[name] = work / f"{name}.keras"
+        model.save(files[name])
+        del model
+    keras.backend.clear_session()
+
+    train = sorted((synthetic_root / "train").rglob("*.png"))
+    images = np.stack([preprocess_file(p, quick_settings.preprocess) for p in train])
+    fit(images, quick_settings.pca).save(work / "pca.joblib")
+    points = {p: {"threshold": 0.5, "temperature": 1.0, "uncertain_band": 0.1} for p in PARTS}
+    versions = {"body_part": {"classes": list(PARTS), "run_id": "test-run"}}
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    return write_bundle(
+        out, quick_settings, files, points, work / "pca.joblib", versions, synthetic=True
+    )
+
+
+@pytest.fixture(scope="session")
+def predictor(bundle_dir):
+    """The Predictor on the test bundle, loaded the way the service loads it."""
+    from bonefrac.config import ServeConfig
+    from bonefrac.serving.predictor import Predictor
+
+    return Predictor.from_bundle(
+        bundle_dir, ServeConfig(max_upload_mb=MAX_UPLOAD_MB), warm_up=False
+    )
+
+
+@pytest.fixture(scope="session")
+def valid_pngs(synthetic_root) -> dict[str, list[Path]]:
+    """Synthetic test-split images per part (never seen by the PCA)."""
+    return {
+        part: sorted((synthetic_root / "valid" / f"XR_{part.upper()}").rglob("*.png"))
+        for part in PARTS
+    }
+
+
+@pytest.fixture(scope="session")
+def good_png(predictor, valid_pngs) -> Path:
+    """The valid image the OOD gate likes best, so tests of the happy path never depend on
+    where a held-out image falls against a threshold fitted on a few dozen images."""
+    candidates = [p for paths in valid_pngs.values() for p in paths[:4]]
+    scores = predictor.pca.ood_score(
+        np.stack([predictor.preprocess(p.read_bytes()) for p in candidates])
+    )
+    return candidates[int(np.argmin(scores))]
+
+
+@pytest.fixture(scope="session")
+def study_pngs(predictor, valid_pngs) -> list[Path]:
+    """Three in-distribution images of one part: a study."""
+    paths = valid_pngs["hand"][:8]
+    scores = predictor.pca.ood_score(
+        np.stack([predictor.preprocess(p.read_bytes()) for p in paths])
+    )
+    return [paths[i] for i in np.argsort(scores)[:3]]
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, log: Path, bentoml_home: Path, params: Path) -> None:
+        self.url = url
+        self.log = log
+        self.bentoml_home = bentoml_home
+        self.params = params
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, bundle_dir, project_root):
+    """`bonefrac serve --bundle DIR` on a free port: imports the bundle into a fresh BentoML
+    home, starts `bentoml serve`, and is ready when /readyz answers."""
+    import httpx
+
+    home = tmp_path_factory.mktemp("server")
+    params = home / "params.yaml"
+    params.write_text(f"serve:\n  max_upload_mb: {MAX_UPLOAD_MB}\n")
+    port = _free_port()
+    log = home / "server.log"
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "bonefrac.cli",
+        "--params",
+        str(params),
+        "serve",
+        "--bundle",
+        str(bundle_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=home,
+            start_new_session=True,  # its own process group: teardown stops the workers too
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"the server exited ({process.returncode}):\n{log.read_text()}"
+                )
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server was not ready in time:\n{log.read_text()}")
+            time.sleep(1)
+        yield Server(url, log, home / "bentoml", params)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
