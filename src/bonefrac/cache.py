@@ -28,21 +28,13 @@ import numpy as np
 import pandas as pd
 
 from bonefrac.config import PreprocessConfig
+from bonefrac.data.mura import COLUMNS
 from bonefrac.errors import DataError
 
 CACHE_VERSION = 1
 CHUNK_SIZE = 64
-INDEX_COLUMNS = [
-    "path",
-    "split",
-    "part",
-    "body_part",
-    "patient_id",
-    "study_id",
-    "study_path",
-    "view",
-    "label",
-]
+# the manifest's columns minus the two only validation needs
+INDEX_COLUMNS = [c for c in COLUMNS if c not in ("mura_split", "folder_label")]
 
 
 @dataclass(frozen=True)

@@ -71,10 +71,8 @@ def set_params(project: Path, **values) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture()
-def project_copy(project_root, tmp_path) -> Path:
-    """The project's files in a temp git repo, with a small synthetic MURA in data/."""
-    target = tmp_path / "project"
+def fresh_clone(project_root: Path, target: Path) -> Path:
+    """The project's files (no venv, data or outputs) in a new git repo, like a clone."""
 
     def ignore(folder: str, names: list[str]) -> list[str]:
         top = Path(folder) == project_root
@@ -84,6 +82,13 @@ def project_copy(project_root, tmp_path) -> Path:
     run(target, "git", "init", "-q")
     run(target, "git", "add", "-A")
     run(target, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    return target
+
+
+@pytest.fixture()
+def project_copy(project_root, tmp_path) -> Path:
+    """The project's files in a temp git repo, with a small synthetic MURA in data/."""
+    target = fresh_clone(project_root, tmp_path / "project")
     run(target, "bonefrac", "demo-data", "--patients", "8", "--size", "96")
     run(target, "dvc", "add", "-q", "data")  # this copy's own data version
     set_params(target, profile="quick")
@@ -117,16 +122,7 @@ def pipeline_run(project_root, tmp_path_factory, prefect_harness):
     from bonefrac.config import load_settings
 
     base = tmp_path_factory.mktemp("pipeline")
-    project = base / "project"
-
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        top = Path(folder) == project_root
-        return [n for n in names if n == "__pycache__" or (top and n in SKIP)]
-
-    shutil.copytree(project_root, project, ignore=ignore)
-    run(project, "git", "init", "-q")
-    run(project, "git", "add", "-A")
-    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    project = fresh_clone(project_root, base / "project")
     run(project, "bonefrac", "demo-data", "--patients", "10", "--size", "96", "--seed", "1")
     set_params(project, profile="quick")
     os.environ["BENTOML_HOME"] = str(base / "bentoml")  # outside the Bento's build context

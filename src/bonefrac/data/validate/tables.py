@@ -9,21 +9,10 @@ from typing import Any
 
 import pandas as pd
 
+from bonefrac.data.mura import COLUMNS
 from bonefrac.errors import DataError
 
-MANIFEST_COLUMNS = (
-    "path",
-    "mura_split",
-    "split",
-    "part",
-    "body_part",
-    "patient_id",
-    "study_id",
-    "study_path",
-    "view",
-    "label",
-    "folder_label",
-)
+MANIFEST_COLUMNS = tuple(COLUMNS)  # the reader's columns, one definition
 SPLITS = ("train", "val", "test")
 MURA_SPLITS = ("train", "valid")
 
