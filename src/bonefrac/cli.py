@@ -39,6 +39,15 @@ def _settings(ctx: click.Context, **overrides):
     return load_settings(obj.get("params"), obj.get("profile"), nested or None)
 
 
+# --data, shared by every command that reads the dataset
+data_option = click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder holding MURA-v1.1/ (or the MURA-v1.1 folder itself). Default: paths.data.",
+)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bonefrac")
 @click.option(
@@ -63,12 +72,7 @@ def cli(ctx: click.Context, params: Path | None, profile: str | None) -> None:
 
 
 @cli.command()
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder holding MURA-v1.1/ (or the MURA-v1.1 folder itself). Default: paths.data.",
-)
+@data_option
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -126,12 +130,7 @@ def demo_data(ctx: click.Context, out: Path | None, patients: int, size: int, se
 
 
 @cli.command("validate")
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder holding MURA-v1.1/ (or the MURA-v1.1 folder itself). Default: paths.data.",
-)
+@data_option
 @click.option(
     "--manifest",
     "manifest_csv",
@@ -307,12 +306,7 @@ def _import_flows(settings):
 
 
 @cli.command("pipeline")
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder holding MURA-v1.1/ (default: paths.data).",
-)
+@data_option
 @click.pass_context
 def pipeline_command(ctx: click.Context, data: Path | None) -> None:
     """Run the whole retraining flow once (Prefect): version data, validate, check drift,
