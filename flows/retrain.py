@@ -1,5 +1,6 @@
 """The retraining flow: version data -> validate -> drift check -> preprocess -> fit PCA ->
-train (body part + one fracture model per part) -> evaluate -> register -> package -> promote.
+train (body part + one fracture model per part) -> evaluate -> record in dvc.lock ->
+register -> package -> promote.
 
 Orchestration only: every task calls a bonefrac stage function. Safe to run again and
 again: unchanged data and params reuse the preprocessed cache and the PCA fit; a failed
@@ -64,6 +65,12 @@ def preprocess(settings: Settings) -> dict[str, Any]:
     result = run_preprocess(settings, progress=False)
     if result.reused:
         get_run_logger().info("preprocess: cache up to date for this data and params, skipped")
+    else:
+        get_run_logger().info(
+            "preprocess: %d of %d images preprocessed, the rest unchanged and reused",
+            result.preprocessed,
+            result.count,
+        )
     return {"images": result.count, "skipped": result.reused}
 
 
@@ -104,6 +111,24 @@ def evaluate(settings: Settings) -> dict[str, Any]:
     from bonefrac.evaluate.stage import run_evaluate_stage
 
     return run_evaluate_stage(settings).metrics
+
+
+@task(retries=1, retry_delay_seconds=10)  # another DVC command may hold the repository lock
+def record_in_dvc(settings: Settings) -> dict[str, Any]:
+    """Write the DVC stages this flow ran into dvc.lock, so `dvc status` agrees with it."""
+    from bonefrac.data.versioning import record_flow_run
+    from bonefrac.stages import STAGES
+
+    record = record_flow_run(settings, tuple(stage.name for stage in STAGES))
+    if record.recorded:
+        get_run_logger().info(
+            "dvc.lock: recorded %s (%.1f s)", ", ".join(record.stages), record.seconds
+        )
+    else:
+        get_run_logger().warning(
+            "dvc.lock not updated (`dvc status` will differ): %s", record.reason
+        )
+    return {"recorded": record.recorded, "reason": record.reason, "seconds": record.seconds}
 
 
 @task
@@ -221,6 +246,7 @@ def retrain(
         ).result()
         finish_training(settings, parent_run_id, trained)
         metrics = evaluate(settings)
+        dvc_record = record_in_dvc(settings)  # every dvc.yaml stage has run by now
         decisions = register(settings)
         packaged = package(settings, decisions)
         promote(settings, decisions)
@@ -257,6 +283,7 @@ def retrain(
         "drift": drift,
         "preprocess_skipped": preprocessed["skipped"],
         "pca_skipped": pca["skipped"],
+        "dvc_recorded": dvc_record["recorded"],
         "metrics": metrics,
         "decisions": [d.to_dict() for d in decisions],
         **packaged,

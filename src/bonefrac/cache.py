@@ -3,13 +3,20 @@
 The cache is one memory-mappable array so an epoch's input cost is a read, not a decode:
 
     preprocessed/images.npy   (N, S, S) uint8   row i <-> index.csv row i
-    preprocessed/index.csv    the manifest rows, in cache order
+    preprocessed/index.csv    the manifest rows, in cache order, with each image's md5
     preprocessed/meta.json    preprocess params, key, count
 
 `imaging.preprocess` returns three identical channels; the cache keeps one and
-`Cache.rgb` restores three, so serving and training see the same array. Work runs in
-parallel over processes, in chunks saved as they finish, so an interrupted run resumes
-where it stopped; a finished cache with the same key is left alone (idempotent).
+`Cache.rgb` restores three, so serving and training see the same array.
+
+The key covers everything the cache depends on: every manifest row (path, split, label,
+part, patient, study, view), each image's bytes (its md5, as DVC records it) and the
+preprocessing params. A new split seed, a corrected label or a rewritten image gives a new
+key; an unchanged rerun is a no-op. Rebuilding is incremental: pixels depend only on an
+image's bytes and the params, so images whose md5 is already in the old cache (same params)
+are copied from it and only new or changed images are preprocessed. That work runs in
+parallel over processes, in chunks named by their contents and saved as they finish, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ import numpy as np
 import pandas as pd
 
 from bonefrac.config import PreprocessConfig
+from bonefrac.data.fingerprints import content_md5s
 from bonefrac.data.mura import COLUMNS
 from bonefrac.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CHUNK_SIZE = 64
-# the manifest's columns minus the two only validation needs
-INDEX_COLUMNS = [c for c in COLUMNS if c not in ("mura_split", "folder_label")]
+# the manifest's columns minus the two only validation needs, plus each image's md5
+INDEX_COLUMNS = [c for c in COLUMNS if c not in ("mura_split", "folder_label")] + ["md5"]
+COPY_BLOCK = 4096  # rows copied from the previous cache at a time (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -67,15 +76,31 @@ class CacheResult:
     count: int
     reused: bool  # True when an up-to-date cache was already there
     resumed_chunks: int
+    preprocessed: int = 0  # images decoded and preprocessed by this run (the rest were copied)
 
 
-def cache_key(manifest: pd.DataFrame, cfg: PreprocessConfig) -> str:
-    """Changes when the image list or any preprocessing parameter changes."""
-    hasher = hashlib.sha256()
-    hasher.update(json.dumps(cfg.model_dump(exclude={"workers"}), sort_keys=True).encode())
-    hasher.update("\n".join(manifest["path"]).encode())
-    hasher.update(str(CACHE_VERSION).encode())
+def params_key(cfg: PreprocessConfig) -> str:
+    """What the pixels of one image depend on besides its bytes."""
+    params = json.dumps(cfg.model_dump(exclude={"workers"}), sort_keys=True)
+    return hashlib.sha256(f"{CACHE_VERSION}\n{params}".encode()).hexdigest()[:16]
+
+
+def cache_key(index: pd.DataFrame, cfg: PreprocessConfig) -> str:
+    """Changes when any row of `index` (INDEX_COLUMNS, md5 included) or any param changes."""
+    hasher = hashlib.sha256(params_key(cfg).encode())
+    hasher.update(index[INDEX_COLUMNS].to_csv(index=False, lineterminator="\n").encode())
     return hasher.hexdigest()[:16]
+
+
+def md5_memo_path(out_dir: Path) -> Path:
+    """The stat memo of the images' md5s: beside the cache, outside DVC's output folder."""
+    return Path(out_dir).parent / f".{Path(out_dir).name}.md5.json"
+
+
+def cache_index(manifest: pd.DataFrame, data_dir: Path, out_dir: Path) -> pd.DataFrame:
+    """The manifest's INDEX_COLUMNS with each image's md5 (memoised next to `out_dir`)."""
+    md5s = content_md5s(data_dir, manifest["path"].tolist(), md5_memo_path(out_dir))
+    return manifest.assign(md5=md5s)[INDEX_COLUMNS].reset_index(drop=True)
 
 
 def _preprocess_chunk(data_dir: str, paths: list[str], cfg_dump: dict) -> np.ndarray:
@@ -92,9 +117,26 @@ def _preprocess_chunk(data_dir: str, paths: list[str], cfg_dump: dict) -> np.nda
     return out
 
 
+def _digest(*parts) -> str:
+    text = "\n".join(p if isinstance(p, str) else "\n".join(p) for p in parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def _workers(cfg: PreprocessConfig, n_chunks: int) -> int:
     wanted = cfg.workers or os.cpu_count() or 1
     return max(1, min(wanted, n_chunks))
+
+
+def _previous(out_dir: Path, cfg: PreprocessConfig) -> Cache | None:
+    """The cache already in `out_dir` when its pixels can be reused (same version, params)."""
+    try:
+        cache = load_cache(out_dir)
+    except (DataError, OSError, ValueError):
+        return None  # missing or damaged: nothing to reuse
+    same = cache.meta.get("version") == CACHE_VERSION and cache.meta.get(
+        "preprocess"
+    ) == cfg.model_dump(mode="json", exclude={"workers"})
+    return cache if same and "md5" in cache.index else None
 
 
 def build_cache(
@@ -108,21 +150,31 @@ def build_cache(
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    key = cache_key(manifest, cfg)
+    index = cache_index(manifest, data_dir, out_dir)
+    key = cache_key(index, cfg)
     meta_path = out_dir / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
-        return CacheResult(out_dir, len(manifest), reused=True, resumed_chunks=0)
+        return CacheResult(out_dir, len(index), reused=True, resumed_chunks=0)
 
-    work_dir = out_dir.parent / f".{out_dir.name}.partial-{key}"
+    previous = _previous(out_dir, cfg)
+    old_row = {} if previous is None else {m: i for i, m in enumerate(previous.index["md5"])}
+    # row of the previous cache holding the same pixels, or -1: to preprocess
+    source = np.array([old_row.get(m, -1) for m in index["md5"]], dtype=np.int64)
+    todo = np.flatnonzero(source < 0)
+    chunks = [todo[i : i + CHUNK_SIZE] for i in range(0, len(todo), CHUNK_SIZE)]
+    # a chunk's file is named by its params and images' md5s: whatever run wrote it, it holds
+    # exactly those pixels, so a resumed run (even after other images changed) can trust it
+    work_dir = out_dir.parent / f".{out_dir.name}.partial"
     work_dir.mkdir(parents=True, exist_ok=True)
-    paths = manifest["path"].tolist()
-    chunks = [paths[i : i + CHUNK_SIZE] for i in range(0, len(paths), CHUNK_SIZE)]
-    chunk_file = [work_dir / f"chunk-{n:06d}.npy" for n in range(len(chunks))]
-    todo = [n for n, f in enumerate(chunk_file) if not f.is_file()]
-    resumed = len(chunks) - len(todo)
+    prefix = params_key(cfg)
+    chunk_file = [
+        work_dir / f"chunk-{_digest(prefix, index['md5'].iloc[rows])}.npy" for rows in chunks
+    ]
+    pending = [n for n, f in enumerate(chunk_file) if not f.is_file()]
+    resumed = len(chunks) - len(pending)
 
-    bar = tqdm(total=len(paths), desc="preprocess", unit="img", disable=not progress)
-    bar.update(len(paths) - sum(len(chunks[n]) for n in todo))
+    bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not progress)
+    bar.update(len(todo) - sum(len(chunks[n]) for n in pending))
 
     def save(n: int, array: np.ndarray) -> None:
         tmp = chunk_file[n].with_suffix(".tmp.npy")
@@ -130,57 +182,67 @@ def build_cache(
         os.replace(tmp, chunk_file[n])  # a chunk file exists only when complete
         bar.update(len(array))
 
+    paths = index["path"].tolist()
     cfg_dump = cfg.model_dump()
-    workers = _workers(cfg, len(todo))
+    args = {n: (str(data_dir), [paths[i] for i in chunks[n]], cfg_dump) for n in pending}
+    workers = _workers(cfg, len(pending))
     try:
         if workers == 1:
-            for n in todo:
-                save(n, _preprocess_chunk(str(data_dir), chunks[n], cfg_dump))
+            for n in pending:
+                save(n, _preprocess_chunk(*args[n]))
         else:
             # fork is fast and needs no `__main__` guard in the caller's script, but forking a
             # process that runs TensorFlow's thread pools can deadlock: spawn then.
             method = "spawn" if "tensorflow" in sys.modules else "fork"
             context = multiprocessing.get_context(method)
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = {
-                    pool.submit(_preprocess_chunk, str(data_dir), chunks[n], cfg_dump): n
-                    for n in todo
-                }
+                futures = {pool.submit(_preprocess_chunk, *args[n]): n for n in pending}
                 for future in as_completed(futures):
                     save(futures[future], future.result())
     finally:
         bar.close()
 
-    _assemble(manifest, out_dir, chunk_file, cfg, key)
+    _assemble(
+        index, out_dir, previous, source, list(zip(chunks, chunk_file, strict=True)), cfg, key
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
-    return CacheResult(out_dir, len(paths), reused=False, resumed_chunks=resumed)
+    return CacheResult(
+        out_dir, len(index), reused=False, resumed_chunks=resumed, preprocessed=len(todo)
+    )
 
 
 def _assemble(
-    manifest: pd.DataFrame, out_dir: Path, chunk_files: list[Path], cfg: PreprocessConfig, key: str
+    index: pd.DataFrame,
+    out_dir: Path,
+    previous: Cache | None,
+    source: np.ndarray,
+    chunks: list[tuple[np.ndarray, Path]],
+    cfg: PreprocessConfig,
+    key: str,
 ) -> None:
-    """Join chunks into images.npy in a temp folder, then swap it into place."""
+    """Previous pixels + new chunks into images.npy in a temp folder, then swap it in."""
     staging = out_dir.parent / f".{out_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     size = cfg.image_size
     images = np.lib.format.open_memmap(
-        staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(manifest), size, size)
+        staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(index), size, size)
     )
-    start = 0
-    for chunk in chunk_files:
-        block = np.load(chunk)
-        images[start : start + len(block)] = block
-        start += len(block)
+    kept = np.flatnonzero(source >= 0)
+    for start in range(0, len(kept), COPY_BLOCK):
+        rows = kept[start : start + COPY_BLOCK]
+        images[rows] = previous.images[source[rows]]
+    for rows, chunk in chunks:
+        images[rows] = np.load(chunk)
     images.flush()
     del images
-    manifest[INDEX_COLUMNS].to_csv(staging / "index.csv", index=False)
+    index.to_csv(staging / "index.csv", index=False)
     meta = {
         "version": CACHE_VERSION,
         "key": key,
-        "count": len(manifest),
+        "count": len(index),
         "image_size": size,
-        "preprocess": cfg.model_dump(exclude={"workers"}),
+        "preprocess": cfg.model_dump(mode="json", exclude={"workers"}),
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out_dir.exists():
@@ -194,7 +256,7 @@ def load_cache(path: Path) -> Cache:
     if not (path / "meta.json").is_file():
         raise DataError(f"{path} is not a preprocessed cache: run the preprocess stage first")
     meta = json.loads((path / "meta.json").read_text())
-    index = pd.read_csv(path / "index.csv", dtype={"patient_id": str, "study_id": str})
+    index = pd.read_csv(path / "index.csv", dtype={"patient_id": str, "study_id": str, "md5": str})
     images = np.load(path / "images.npy", mmap_mode="r")
     if len(images) != len(index):
         raise DataError(f"{path} is inconsistent (images and index differ): rebuild it")

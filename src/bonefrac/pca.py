@@ -320,17 +320,27 @@ class PcaResult:
     reused: bool = False  # True when an up-to-date fit for the same cache and params existed
 
 
+def fit_key(cache: Cache, cfg: PcaConfig) -> str | None:
+    """What a fit depends on: the cache's key (every manifest row, each image's md5, the
+    preprocessing params) and the PCA params. None for a cache without a key: always refit."""
+    cache_key = cache.meta.get("key")
+    if not cache_key:
+        return None
+    params = cfg.model_dump_json()
+    return hashlib.sha256(f"{cache_key}\n{params}".encode()).hexdigest()[:16]
+
+
 def fit_pca_stage(
     cache: Cache, cfg: PcaConfig, out_dir: Path, metrics_path: Path, plot_path: Path
 ) -> PcaResult:
     """The fit_pca stage: model, plots and baseline predictions in out_dir; metrics JSON and
     explained-variance plot data (for DVC) at their own paths."""
     out_dir = Path(out_dir)
-    params_hash = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
-    key = f"{cache.meta.get('key')}-{params_hash}"
+    key = fit_key(cache, cfg)
     done = out_dir / "fit.json"
     if (
-        done.is_file()
+        key is not None
+        and done.is_file()
         and json.loads(done.read_text()).get("key") == key
         and Path(metrics_path).is_file()
     ):

@@ -1,11 +1,16 @@
 """DVC: the declared stages run with `dvc repro`, status is clean after, and a param change
-reruns only the stages that read it."""
+reruns only the stages that read it; after a Prefect flow run, `dvc status` agrees with it."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+import yaml
+
+from bonefrac.data.fingerprints import content_md5s, file_md5
 from bonefrac.data.versioning import data_version, track_data
+from bonefrac.stages import STAGES
 
 from .conftest import run, set_params
 
@@ -55,13 +60,46 @@ def test_corrupted_data_stops_the_pipeline(project_copy):
     assert (project / "artifacts/validation/data_docs/index.html").is_file()
 
 
+def dir_listing(project, md5: str) -> dict[str, str]:
+    """DVC's own per-file md5s behind a directory version (its `.dir` object in the cache)."""
+    digest = md5.removesuffix(".dir")
+    listing = project / ".dvc/cache/files/md5" / digest[:2] / f"{digest[2:]}.dir"
+    return {entry["relpath"]: entry["md5"] for entry in json.loads(listing.read_text())}
+
+
 def test_track_data_versions_and_pushes_to_the_default_remote(project_copy):
     project = project_copy
     version = track_data(project)
     assert version.md5.endswith(".dir") and version.nfiles > 100 and version.pushed
-    assert data_version(project) == data_version(project)  # read back from data.dvc
+    recorded = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]
+    assert data_version(project).md5 == recorded["md5"] == version.md5
     assert any((project / ".cache/dvc-remote").rglob("*"))
-    # unchanged data: same version; a changed image: a new one
+    # the caches' content identity of each image is DVC's own md5 of that file
+    listing = dir_listing(project, version.md5)
+    assert content_md5s(project / "data", list(listing)) == list(listing.values())
+    # unchanged data: same version; one image's bytes changed: a new version in data.dvc
     assert track_data(project, push=False).md5 == version.md5
-    (project / "data/MURA-v1.1/train_image_paths.csv").write_text("changed\n")
-    assert track_data(project, push=False).md5 != version.md5
+    image = next((project / "data/MURA-v1.1/train/XR_HAND").rglob("image1.png"))
+    image.write_bytes(image.read_bytes() + b"\0")
+    changed = track_data(project, push=False)
+    assert changed.md5 != version.md5
+    assert data_version(project).md5 == changed.md5
+    relpath = image.relative_to(project / "data").as_posix()
+    assert dir_listing(project, changed.md5)[relpath] == file_md5(image) != listing[relpath]
+
+
+@pytest.mark.slow
+def test_flow_run_is_recorded_in_dvc_lock(pipeline_run):
+    """The Prefect flow's run and DVC's view agree: nothing for `dvc repro` to redo."""
+    project, _, summary = pipeline_run
+    assert summary["dvc_recorded"]
+    status = run(project, "dvc", "status", "--json").stdout
+    assert json.loads(status) == {}, status
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert list(lock) == [stage.name for stage in STAGES]
+    # recorded as the flow ran it: the quick profile's params, the data version it used
+    assert lock["preprocess"]["params"]["params.yaml"]["profile"] == "quick"
+    data_dep = next(d for d in lock["validate"]["deps"] if d["path"] == "data")
+    assert data_dep["md5"] == summary["data_version"]
+    dry = run(project, "dvc", "repro", "--dry").stdout
+    assert "Running stage" not in dry, dry
