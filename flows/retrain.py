@@ -106,7 +106,7 @@ def evaluate(settings: Settings) -> dict[str, Any]:
     return run_evaluate_stage(settings).metrics
 
 
-@task
+@task  # no retries: a registry failure must stop the run before anything is promoted
 def register(settings: Settings) -> list:
     from bonefrac.registry import register as register_models
 
@@ -159,10 +159,13 @@ def _report(
         {
             "model": d.model,
             "registered": f"{d.registered_name} v{d.version}",
-            "metric": d.metric,
+            "metric": f"val {d.metric}",
             "value": d.value,
             "champion": d.champion_version,
             "champion value": d.champion_value,
+            "delta": d.gate.delta if d.gate else None,
+            "delta lower bound": d.gate.lower if d.gate else None,
+            "test value (reported)": d.test_value,
             "promoted": d.promoted,
             "reason": d.reason,
         }
@@ -181,11 +184,12 @@ def _report(
         f"end-to-end study kappa {metrics.get('end_to_end_study_kappa', float('nan')):.3f}",
         f"- Bento: `{packaged.get('bento_tag')}` (model `{packaged.get('model_tag')}`)",
         "",
-        "| model | version | metric | value | promoted | reason |",
-        "|---|---|---|---|---|---|",
+        "| model | version | gate metric | value | Δ (lower bound) | test | promoted | reason |",
+        "|---|---|---|---|---|---|---|---|",
         *[
             f"| {r['model']} | {r['registered']} | {r['metric']} | {_number(r['value'])} | "
-            f"{r['promoted']} | {r['reason']} |"
+            f"{_number(r['delta'])} ({_number(r['delta lower bound'])}) | "
+            f"{_number(r['test value (reported)'])} | {r['promoted']} | {r['reason']} |"
             for r in rows
         ],
     ]
