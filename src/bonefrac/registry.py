@@ -438,13 +438,15 @@ def package_champions(
         tmp = Path(tmp)
         files, points, versions = {}, {}, {}
         for name, champion in champions.items():
-            model = mlflow.keras.load_model(f"models:/{champion.name}/{champion.version}")
+            uri = f"models:/{champion.name}/{champion.version}"
+            model = _call(client, f"loading {uri}", mlflow.keras.load_model, uri)
             files[name] = tmp / f"{name}.keras"
             model.save(files[name])
             versions[name] = {
                 "registered_name": champion.name,
                 "version": champion.version,
                 "run_id": champion.run_id,
+                "preprocess": preprocess[name],  # each model's own (all equal: see above)
             }
             if name != BODY_PART_MODEL:
                 points[name] = {
