@@ -115,7 +115,7 @@ def register(settings: Settings) -> list:
 
 @task(retries=1, retry_delay_seconds=5)
 def package(settings: Settings, decisions: list) -> dict[str, Any]:
-    from bonefrac.registry import package_champions
+    from bonefrac.packaging import package_champions
 
     return package_champions(settings, decisions, build=settings.pipeline.build_bento)
 

@@ -367,7 +367,7 @@ _reason_option = click.option(
 
 
 def _move_champion(ctx: click.Context, model: str, version: str, reason: str, action: str):
-    from bonefrac.registry import set_champion
+    from bonefrac.champion import set_champion
 
     click.echo(set_champion(_settings(ctx), model, version, reason, action=action))
 
@@ -398,7 +398,7 @@ def champion_rollback(ctx: click.Context, model: str, version: str, reason: str)
 @click.pass_context
 def champion_unpin(ctx: click.Context, model: str, reason: str) -> None:
     """Let the gate decide MODEL's champion again (the champion stays where it is)."""
-    from bonefrac.registry import unpin
+    from bonefrac.champion import unpin
 
     click.echo(unpin(_settings(ctx), model, reason))
 

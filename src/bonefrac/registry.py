@@ -12,15 +12,9 @@ failure stops the task and promotes nothing.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -33,8 +27,6 @@ from bonefrac.models import BODY_PART_MODEL
 CHAMPION = "champion"
 PIN_TAG = "bonefrac.pinned_version"  # registered-model tag: the version a person pinned
 GATE_SPLITS = (GATE_SPLIT, "test")  # scored: the gate decides on val, test is only reported
-
-__all__ = ["CHAMPION", "Decision", "RegistryError", "register", "promote", "package_champions"]
 
 
 class RegistryError(UserError):
@@ -55,7 +47,7 @@ def test_set_id(frame) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _client(settings: Settings):
+def registry_client(settings: Settings):
     from mlflow.tracking import MlflowClient
 
     from bonefrac import tracking
@@ -65,10 +57,10 @@ def _client(settings: Settings):
         tracking.configure(settings)
         return MlflowClient(uri)
     except Exception as exc:
-        raise _failure(uri, "connecting", exc) from exc
+        raise registry_failure(uri, "connecting", exc) from exc
 
 
-def _failure(uri: str, doing: str, exc: Exception) -> RegistryError:
+def registry_failure(uri: str, doing: str, exc: Exception) -> RegistryError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return RegistryError(
         f"the MLflow registry at {uri} failed while {doing} ({first}): check the tracking "
@@ -76,12 +68,12 @@ def _failure(uri: str, doing: str, exc: Exception) -> RegistryError:
     )
 
 
-def _call(client, doing: str, fn, *args, **kwargs):
+def guarded(client, doing: str, fn, *args, **kwargs):
     """A registry call whose failure becomes one clear RegistryError."""
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
-        raise _failure(client.tracking_uri, doing, exc) from exc
+        raise registry_failure(client.tracking_uri, doing, exc) from exc
 
 
 def current_champion(client, name: str):
@@ -94,13 +86,14 @@ def current_champion(client, name: str):
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
-        raise _failure(client.tracking_uri, f"reading {name}", exc) from exc
+        raise registry_failure(client.tracking_uri, f"reading {name}", exc) from exc
     except Exception as exc:
-        raise _failure(client.tracking_uri, f"reading {name}", exc) from exc
+        raise registry_failure(client.tracking_uri, f"reading {name}", exc) from exc
     version = (model.aliases or {}).get(CHAMPION)
     if version is None:
         return None
-    champion = _call(client, f"reading {name} v{version}", client.get_model_version, name, version)
+    doing = f"reading {name} v{version}"
+    champion = guarded(client, doing, client.get_model_version, name, version)
     pinned = (model.tags or {}).get(PIN_TAG) == str(champion.version)
     pin = {k: champion.tags.get(f"bonefrac.pin.{k}") for k in ("by", "at", "reason")}
     return champion, pin if pinned else None
@@ -113,7 +106,7 @@ def _preprocess_dump(cfg: PreprocessConfig) -> dict:
     return cfg.model_dump(mode="json", exclude={"workers"})
 
 
-def _version_preprocess(version, settings: Settings) -> dict | None:
+def version_preprocess(version, settings: Settings) -> dict | None:
     """The preprocessing a registered version was trained with, or None if not recorded."""
     recorded = version.tags.get("bonefrac.preprocess")
     if recorded:
@@ -142,7 +135,7 @@ def _scored(settings, cache, name: str, model, preprocess: dict, point: dict) ->
     from bonefrac.evaluate import apply_temperature
     from bonefrac.evaluate.stage import predict
 
-    split = cache.index["split"].isin(GATE_SPLITS).to_numpy()
+    split = cache.index["split"].isin(GATE_SPLITS).to_numpy().copy()
     if name != BODY_PART_MODEL:
         split &= (cache.index["body_part"] == name).to_numpy()
     rows = np.flatnonzero(split)
@@ -171,7 +164,7 @@ def _champion_input(settings, client, cache, name: str, found) -> Champion:
     import mlflow
 
     version, pin = found
-    preprocess = _version_preprocess(version, settings)
+    preprocess = version_preprocess(version, settings)
     if preprocess is None:
         return Champion(str(version.version), None, "its preprocessing is not recorded", pin)
     point = {}
@@ -181,7 +174,7 @@ def _champion_input(settings, client, cache, name: str, found) -> Champion:
         except (KeyError, ValueError):
             return Champion(str(version.version), None, "its operating point is not recorded", pin)
     uri = f"models:/{version.name}/{version.version}"
-    model = _call(client, f"loading {uri}", mlflow.keras.load_model, uri)
+    model = guarded(client, f"loading {uri}", mlflow.keras.load_model, uri)
     return Champion(
         str(version.version), _scored(settings, cache, name, model, preprocess, point), None, pin
     )
@@ -205,7 +198,7 @@ def register(settings: Settings) -> list[Decision]:
     runs = read_runs(layout.models)
     results = json.loads((layout.evaluation / "metrics.json").read_text())
     cache = load_cache(layout.preprocessed)
-    client = _client(settings)
+    client = registry_client(settings)
     provenance = tracking.provenance_tags(settings)
     preprocess = _preprocess_dump(settings.preprocess)
     decisions = []
@@ -252,7 +245,7 @@ def register(settings: Settings) -> list[Decision]:
             **decision.tags(),
         }
         uri = runs.get("model_uris", {}).get(name) or f"runs:/{runs[name]}/model"
-        version = _call(
+        version = guarded(
             client, f"registering {reg_name}", mlflow.register_model, uri, reg_name, tags=tags
         )
         registered.append(replace(decision, version=str(version.version)))
@@ -267,10 +260,10 @@ def _servable(decisions: list, client, settings: Settings) -> list:
     kept = {}
     for name, reg_name, _, decision in decisions:
         if not decision.promoted and decision.champion_version:
-            version = _call(
+            version = guarded(
                 client, "reading", client.get_model_version, reg_name, decision.champion_version
             )
-            kept[name] = _version_preprocess(version, settings)
+            kept[name] = version_preprocess(version, settings)
     mixed = [n for n, p in kept.items() if p != current]
     if not mixed:
         return decisions
@@ -289,10 +282,10 @@ def _servable(decisions: list, client, settings: Settings) -> list:
 
 def promote(settings: Settings, decisions: list[Decision]) -> None:
     """Move `champion` to every version the gate promoted."""
-    client = _client(settings)
+    client = registry_client(settings)
     for decision in decisions:
         if decision.promoted:
-            _call(
+            guarded(
                 client,
                 f"moving {decision.registered_name}@{CHAMPION}",
                 client.set_registered_model_alias,
@@ -300,211 +293,3 @@ def promote(settings: Settings, decisions: list[Decision]) -> None:
                 CHAMPION,
                 decision.version,
             )
-
-
-# --- manual control -------------------------------------------------------------------------
-
-
-def _resolve(settings: Settings, model: str) -> str:
-    from bonefrac.train import model_names
-
-    names = {n: registered_name(n, settings) for n in model_names(settings)}
-    if model in names:
-        return names[model]
-    if model in names.values():
-        return model
-    raise UserError(f"unknown model {model!r}: choose from {', '.join(names)}")
-
-
-def set_champion(
-    settings: Settings, model: str, version: str, reason: str, action: str = "pin"
-) -> str:
-    """Move `champion` to VERSION by hand and pin it there (the gate keeps a pinned champion
-    until `unpin`), recording who, when, why and what on the version. `rollback` must go to
-    a version older than the current champion. Returns a one-line summary."""
-    if not reason.strip():
-        raise UserError("--reason is empty: say why the champion is moved by hand")
-    client = _client(settings)
-    name = _resolve(settings, model)
-    found = current_champion(client, name)
-    try:
-        target = client.get_model_version(name, str(version))
-    except Exception as exc:
-        from mlflow.exceptions import MlflowException
-
-        if isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise UserError(f"{name} has no version {version}: see the MLflow UI") from None
-        raise _failure(client.tracking_uri, f"reading {name} v{version}", exc) from exc
-    if action == "rollback" and found and int(target.version) >= int(found[0].version):
-        raise UserError(
-            f"rollback goes to an older version than champion v{found[0].version}: use pin"
-        )
-    record = {
-        "bonefrac.pin.by": getpass.getuser(),
-        "bonefrac.pin.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bonefrac.pin.reason": reason.strip(),
-        "bonefrac.pin.action": action,
-        "bonefrac.pin.previous": str(found[0].version) if found else "none",
-    }
-    for key, value in record.items():
-        _call(client, "tagging", client.set_model_version_tag, name, target.version, key, value)
-    _call(client, "pinning", client.set_registered_model_tag, name, PIN_TAG, target.version)
-    _call(
-        client,
-        "moving the alias",
-        client.set_registered_model_alias,
-        name,
-        CHAMPION,
-        target.version,
-    )
-    previous = f" (was v{found[0].version})" if found else ""
-    return f"{name}@{CHAMPION} -> v{target.version}{previous}, pinned: {reason.strip()}"
-
-
-def unpin(settings: Settings, model: str, reason: str) -> str:
-    """Let the gate decide again for MODEL; the champion stays where it is."""
-    if not reason.strip():
-        raise UserError("--reason is empty: say why the pin is released")
-    client = _client(settings)
-    name = _resolve(settings, model)
-    found = current_champion(client, name)
-    if not found or not found[1]:
-        raise UserError(f"{name} has no pinned champion")
-    version = found[0].version
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    note = f"{getpass.getuser()} at {stamp}: {reason.strip()}"
-    _call(client, "tagging", client.set_model_version_tag, name, version, "bonefrac.unpinned", note)
-    _call(client, "unpinning", client.delete_registered_model_tag, name, PIN_TAG)
-    return f"{name}: champion v{version} unpinned; the next gate decides"
-
-
-def package_champions(
-    settings: Settings, decisions: list[Decision] | None = None, build: bool = True
-) -> dict:
-    """Champions -> bundle -> BentoML model store (+ `bentoml build`). Returns tags.
-
-    `decisions` package the champions-to-be (the versions the gate promoted, the current
-    champion elsewhere) before the aliases move, so a failed build promotes nothing."""
-    import mlflow
-
-    from bonefrac.bundle import save_to_bentoml, write_bundle
-    from bonefrac.data.synthetic import is_synthetic
-    from bonefrac.tracking import data_version_tag
-    from bonefrac.train import model_names
-
-    client = _client(settings)
-    names = model_names(settings)
-    promoted = {d.model: d for d in decisions or [] if d.promoted}
-    champions = {}
-    for name in names:
-        if name in promoted:
-            champions[name] = _call(
-                client,
-                "reading",
-                client.get_model_version,
-                promoted[name].registered_name,
-                promoted[name].version,
-            )
-            continue
-        found = current_champion(client, registered_name(name, settings))
-        if found is None:
-            raise DataError(
-                f"no champion for {registered_name(name, settings)}: run the pipeline first "
-                "(or pin a version with `bonefrac champion pin`)"
-            )
-        champions[name] = found[0]
-    for name, champion in champions.items():
-        if name != BODY_PART_MODEL:
-            problem = _packaging_problem(champion)
-            if problem:
-                raise DataError(
-                    f"cannot package {champion.name} v{champion.version}: {problem}; pin a "
-                    "version with a usable operating point (`bonefrac champion pin`)"
-                )
-    preprocess = {n: _version_preprocess(c, settings) for n, c in champions.items()}
-    if (
-        None in preprocess.values()
-        or len({json.dumps(p, sort_keys=True) for p in preprocess.values()}) != 1
-    ):
-        raise DataError(
-            "the champions were trained with different (or unrecorded) preprocessing and a "
-            "bundle serves one: pin champions that share one (`bonefrac champion pin`)"
-        )
-    # the champions' own preprocessing, which may predate the current params
-    bundle_settings = settings.model_copy(
-        update={"preprocess": PreprocessConfig(**next(iter(preprocess.values())))}
-    )
-    with tempfile.TemporaryDirectory(prefix="bonefrac-bundle-") as tmp:
-        tmp = Path(tmp)
-        files, points, versions = {}, {}, {}
-        for name, champion in champions.items():
-            uri = f"models:/{champion.name}/{champion.version}"
-            model = _call(client, f"loading {uri}", mlflow.keras.load_model, uri)
-            files[name] = tmp / f"{name}.keras"
-            model.save(files[name])
-            versions[name] = {
-                "registered_name": champion.name,
-                "version": champion.version,
-                "run_id": champion.run_id,
-                "preprocess": preprocess[name],  # each model's own (all equal: see above)
-            }
-            if name != BODY_PART_MODEL:
-                points[name] = {
-                    k: float(champion.tags[f"bonefrac.{k}"])
-                    for k in ("threshold", "temperature", "uncertain_band")
-                }
-            else:
-                versions[name]["classes"] = [body_part_name(p) for p in settings.data.parts]
-        bundle = write_bundle(
-            tmp / "bundle",
-            bundle_settings,
-            files,
-            points,
-            settings.layout.pca / "pca.joblib",
-            versions,
-            data_version_tag(settings),
-            is_synthetic(settings.paths.data),
-        )
-        model_tag = save_to_bentoml(bundle)
-    bento_tag = build_bento(settings) if build else None
-    return {
-        "model_tag": model_tag,
-        "bento_tag": bento_tag,
-        "versions": {n: c.version for n, c in champions.items()},
-    }
-
-
-def _packaging_problem(version) -> str | None:
-    """Why a fracture champion's operating point cannot be served, or None."""
-    try:
-        threshold = float(version.tags["bonefrac.threshold"])
-        temperature = float(version.tags["bonefrac.temperature"])
-    except (KeyError, ValueError):
-        return "it has no recorded operating point (threshold, temperature)"
-    if not (np.isfinite(threshold) and 0.0 < threshold < 1.0):
-        return f"its threshold {threshold} is not strictly between 0 and 1"
-    if not (np.isfinite(temperature) and temperature > 0):
-        return f"its temperature {temperature} is not positive"
-    if version.tags.get("bonefrac.gate.decision") == "not promoted" and version.tags.get(
-        "bonefrac.promotion", ""
-    ).startswith("not promoted: unusable operating point"):
-        return version.tags["bonefrac.promotion"].removeprefix("not promoted: ")
-    return None
-
-
-def build_bento(settings: Settings) -> str:
-    """`bentoml build` of the project's bentofile.yaml; returns the Bento tag."""
-    project = settings.paths.project
-    if not (project / "bentofile.yaml").is_file():
-        raise DataError(f"{project / 'bentofile.yaml'} not found: cannot build the Bento")
-    result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml", "--output", "tag"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
-        raise DataError(f"bentoml build failed: {lines[-1] if lines else 'no output'}")
-    tag = result.stdout.strip().splitlines()[-1].strip()
-    return tag.removeprefix("__tag__:")

@@ -16,13 +16,8 @@ from mlflow.tracking import MlflowClient
 from bonefrac.cli import cli
 from bonefrac.errors import DataError
 from bonefrac.gate import Champion, Scored, decide
-from bonefrac.registry import (
-    PIN_TAG,
-    RegistryError,
-    current_champion,
-    package_champions,
-    promote,
-)
+from bonefrac.packaging import package_champions
+from bonefrac.registry import PIN_TAG, RegistryError, current_champion, promote
 
 NAMES = {
     "body_part": "bonefrac-body-part",
