@@ -27,6 +27,7 @@ from bonefrac.evaluate.metrics import study_level
 
 GATE_SPLIT = "val"
 POWER = 0.8  # for `detectable`: the Δ found with this probability at the gate's confidence
+MIN_PATIENTS = 5  # below this a patient bootstrap says nothing: the challenger cannot pass
 MULTICLASS_METRICS = ("accuracy", "kappa")
 
 
@@ -161,7 +162,7 @@ def compare(
         confidence=confidence,
         min_improvement=min_improvement,
         detectable=float(min_improvement + (norm.ppf(confidence) + norm.ppf(POWER)) * spread),
-        passed=lower > min_improvement,
+        passed=lower > min_improvement and n_patients >= MIN_PATIENTS,
     )
 
 
@@ -318,4 +319,6 @@ def decide(
     )
     if comparison.passed:
         return decision(True, f"promoted over champion v{champion.version}: {summary}")
+    if comparison.n_patients < MIN_PATIENTS:
+        summary += f"; fewer than {MIN_PATIENTS} val patients: too few to promote on"
     return decision(False, f"kept champion v{champion.version}: {summary}")

@@ -92,6 +92,13 @@ def test_paired_bootstrap_separates_better_equal_and_worse(images):
         **GATE,
     )
     assert small.detectable > better.detectable > 0
+    # a few patients say nothing, however large the difference looks
+    three = images[images["patient_id"].isin(images["patient_id"].unique()[:3])]
+    truth = np.full(len(three), "hand")
+    right = Scored(three.assign(truth=truth, pred="hand"))
+    wrong = Scored(three.assign(truth=truth, pred="elbow"))
+    tiny = compare(right, wrong, "accuracy", multiclass=True, **GATE)
+    assert tiny.n_patients == 3 and tiny.lower == 1.0 and not tiny.passed
 
 
 def test_point_values_match_sklearn(images):
