@@ -131,7 +131,7 @@ def record_in_dvc(settings: Settings) -> dict[str, Any]:
     return {"recorded": record.recorded, "reason": record.reason, "seconds": record.seconds}
 
 
-@task
+@task  # no retries: a registry failure must stop the run before anything is promoted
 def register(settings: Settings) -> list:
     from bonefrac.registry import register as register_models
 
@@ -140,7 +140,7 @@ def register(settings: Settings) -> list:
 
 @task(retries=1, retry_delay_seconds=5)
 def package(settings: Settings, decisions: list) -> dict[str, Any]:
-    from bonefrac.registry import package_champions
+    from bonefrac.packaging import package_champions
 
     return package_champions(settings, decisions, build=settings.pipeline.build_bento)
 
@@ -184,10 +184,13 @@ def _report(
         {
             "model": d.model,
             "registered": f"{d.registered_name} v{d.version}",
-            "metric": d.metric,
+            "metric": f"val {d.metric}",
             "value": d.value,
             "champion": d.champion_version,
             "champion value": d.champion_value,
+            "delta": d.gate.delta if d.gate else None,
+            "delta lower bound": d.gate.lower if d.gate else None,
+            "test value (reported)": d.test_value,
             "promoted": d.promoted,
             "reason": d.reason,
         }
@@ -206,11 +209,12 @@ def _report(
         f"end-to-end study kappa {metrics.get('end_to_end_study_kappa', float('nan')):.3f}",
         f"- Bento: `{packaged.get('bento_tag')}` (model `{packaged.get('model_tag')}`)",
         "",
-        "| model | version | metric | value | promoted | reason |",
-        "|---|---|---|---|---|---|",
+        "| model | version | gate metric | value | Δ (lower bound) | test | promoted | reason |",
+        "|---|---|---|---|---|---|---|---|",
         *[
             f"| {r['model']} | {r['registered']} | {r['metric']} | {_number(r['value'])} | "
-            f"{r['promoted']} | {r['reason']} |"
+            f"{_number(r['delta'])} ({_number(r['delta lower bound'])}) | "
+            f"{_number(r['test value (reported)'])} | {r['promoted']} | {r['reason']} |"
             for r in rows
         ],
     ]

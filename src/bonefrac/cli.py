@@ -355,6 +355,54 @@ def schedule_command(ctx: click.Context, cron: str) -> None:
     )
 
 
+@cli.group("champion")
+def champion_group() -> None:
+    """Move a model's `champion` alias by hand. Each move pins the champion (the automatic
+    gate keeps it until `unpin`) and records who, when and why on the version."""
+
+
+_reason_option = click.option(
+    "--reason", required=True, help="Why the champion is moved by hand (recorded on the version)."
+)
+
+
+def _move_champion(ctx: click.Context, model: str, version: str, reason: str, action: str):
+    from bonefrac.champion import set_champion
+
+    click.echo(set_champion(_settings(ctx), model, version, reason, action=action))
+
+
+@champion_group.command("pin")
+@click.argument("model")
+@click.argument("version")
+@_reason_option
+@click.pass_context
+def champion_pin(ctx: click.Context, model: str, version: str, reason: str) -> None:
+    """Make VERSION of MODEL (body_part, elbow, hand, shoulder) the pinned champion."""
+    _move_champion(ctx, model, version, reason, "pin")
+
+
+@champion_group.command("rollback")
+@click.argument("model")
+@click.argument("version")
+@_reason_option
+@click.pass_context
+def champion_rollback(ctx: click.Context, model: str, version: str, reason: str) -> None:
+    """Move MODEL's champion back to an older VERSION, pinned there."""
+    _move_champion(ctx, model, version, reason, "rollback")
+
+
+@champion_group.command("unpin")
+@click.argument("model")
+@_reason_option
+@click.pass_context
+def champion_unpin(ctx: click.Context, model: str, reason: str) -> None:
+    """Let the gate decide MODEL's champion again (the champion stays where it is)."""
+    from bonefrac.champion import unpin
+
+    click.echo(unpin(_settings(ctx), model, reason))
+
+
 _BUNDLE_OPTION = click.option(
     "--bundle",
     type=click.Path(path_type=Path),

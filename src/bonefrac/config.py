@@ -133,15 +133,19 @@ class EvaluateConfig(_Section):
 
 class RegistryConfig(_Section):
     model_prefix: str = "bonefrac"
-    fracture_metric: str = "study_kappa"  # <level>_<metric> from the evaluate stage
-    body_part_metric: str = "accuracy"
-    min_improvement: float = Field(0.0, ge=0)  # a challenger must beat the champion by more
+    fracture_metric: str = "study_kappa"  # <level>_<metric>, measured on the gate split (val)
+    body_part_metric: Literal["accuracy", "kappa"] = "accuracy"
+    min_improvement: float = Field(0.0, ge=0)  # Δ's lower bound must exceed this to promote
+    confidence: float = Field(0.9, gt=0.5, lt=1)  # of the one-sided interval of Δ
+    bootstrap_samples: int = Field(2000, ge=100)  # patient resamples of the paired bootstrap
+    seed: int = 42
 
     @field_validator("fracture_metric")
     @classmethod
     def _level_metric(cls, metric: str) -> str:
         level, _, key = metric.partition("_")
-        if level not in {"image", "study"} or not key:
+        known = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "kappa")
+        if level not in {"image", "study"} or key not in (*known, "auroc", "auprc"):
             raise ValueError("must look like study_kappa or image_auroc")
         return metric
 

@@ -1,31 +1,36 @@
-"""MLflow Model Registry: register every trained model, move `champion` only forward,
-and package the champions for serving.
+"""MLflow Model Registry: register every trained model, move `champion` only on evidence from
+the gate split, let people pin or roll back, and package the champions for serving.
 
-Registered models: `bonefrac-body-part`, `bonefrac-fracture-<part>`. Each version carries
-its provenance and test metrics as tags. The alias `champion` moves to a new version only if
-it beats the current champion on the configured metric on the same test set (the champion
-is re-scored when the test set changed); otherwise the champion stays and the reason is
-recorded on the new version.
+Registered models: `bonefrac-body-part`, `bonefrac-fracture-<part>`. The gate (`bonefrac.gate`)
+scores the challenger and the current champion on the same `val` images, each with its own
+preprocessing and operating point, and promotes on a paired patient bootstrap of the metric's
+difference. Every version carries its provenance, its preprocessing, its operating point, the
+gate's Δ, interval, power and decision, and its test metrics (reported, never read by a
+decision). Only "this model or alias does not exist" means "no champion": any other registry
+failure stops the task and promotes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-import tempfile
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 
-from bonefrac.config import Settings
+from bonefrac.config import PreprocessConfig, Settings
 from bonefrac.data.mura import body_part_name
-from bonefrac.errors import DataError
+from bonefrac.errors import DataError, UserError
+from bonefrac.gate import GATE_SPLIT, Champion, Decision, Scored, decide
 from bonefrac.models import BODY_PART_MODEL
 
 CHAMPION = "champion"
+PIN_TAG = "bonefrac.pinned_version"  # registered-model tag: the version a person pinned
+GATE_SPLITS = (GATE_SPLIT, "test")  # scored: the gate decides on val, test is only reported
+
+
+class RegistryError(UserError):
+    """The registry could not be read or written: a fault of the store, not "no champion"."""
 
 
 def registered_name(name: str, settings: Settings) -> str:
@@ -42,267 +47,249 @@ def test_set_id(frame) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def metric_value(results: dict, name: str, settings: Settings) -> tuple[str, float | None]:
-    """The gate's metric for a model from the evaluate stage's metrics.json."""
-    if name == BODY_PART_MODEL:
-        metric = settings.registry.body_part_metric
-        value = results[BODY_PART_MODEL].get(metric)
-    else:
-        metric = settings.registry.fracture_metric
-        level, _, key = metric.partition("_")
-        value = results[name].get(level, {}).get(key)
-    return metric, None if value is None else float(value)
-
-
-@dataclass(frozen=True)
-class Decision:
-    model: str
-    registered_name: str
-    version: str
-    metric: str
-    value: float | None
-    champion_version: str | None
-    champion_value: float | None
-    promoted: bool
-    reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _client(settings: Settings):
+def registry_client(settings: Settings):
     from mlflow.tracking import MlflowClient
 
     from bonefrac import tracking
 
-    tracking.configure(settings)
-    return MlflowClient(tracking.tracking_uri(settings))
+    uri = tracking.tracking_uri(settings)
+    try:
+        tracking.configure(settings)
+        return MlflowClient(uri)
+    except Exception as exc:
+        raise registry_failure(uri, "connecting", exc) from exc
 
 
-def _champion(client, name: str):
+def registry_failure(uri: str, doing: str, exc: Exception) -> RegistryError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return RegistryError(
+        f"the MLflow registry at {uri} failed while {doing} ({first}): check the tracking "
+        "URI and that the store is reachable; nothing was promoted"
+    )
+
+
+def guarded(client, doing: str, fn, *args, **kwargs):
+    """A registry call whose failure becomes one clear RegistryError."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        raise registry_failure(client.tracking_uri, doing, exc) from exc
+
+
+def current_champion(client, name: str):
+    """(champion version, pin dict or None), or None when the model or its alias does not
+    exist. Any other failure raises RegistryError: an outage is not "no champion"."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise registry_failure(client.tracking_uri, f"reading {name}", exc) from exc
+    except Exception as exc:
+        raise registry_failure(client.tracking_uri, f"reading {name}", exc) from exc
+    version = (model.aliases or {}).get(CHAMPION)
+    if version is None:
         return None
+    doing = f"reading {name} v{version}"
+    champion = guarded(client, doing, client.get_model_version, name, version)
+    pinned = (model.tags or {}).get(PIN_TAG) == str(champion.version)
+    pin = {k: champion.tags.get(f"bonefrac.pin.{k}") for k in ("by", "at", "reason")}
+    return champion, pin if pinned else None
+
+
+# --- predictions on the gate split ----------------------------------------------------------
+
+
+def _preprocess_dump(cfg: PreprocessConfig) -> dict:
+    return cfg.model_dump(mode="json", exclude={"workers"})
+
+
+def version_preprocess(version, settings: Settings) -> dict | None:
+    """The preprocessing a registered version was trained with, or None if not recorded."""
+    recorded = version.tags.get("bonefrac.preprocess")
+    if recorded:
+        return json.loads(recorded)
+    if version.tags.get("bonefrac.preprocess_hash") == settings.section_hash("preprocess"):
+        return _preprocess_dump(settings.preprocess)  # older versions: only the hash
+    return None
+
+
+def _images(settings: Settings, cache, rows: np.ndarray, preprocess: dict) -> np.ndarray:
+    """Gate images (N, S, S) uint8 preprocessed as `preprocess` says: the cache when it was
+    built that way, else freshly from the raw files (a champion trained another way)."""
+    from bonefrac.data import mura
+    from bonefrac.imaging import preprocess_file
+
+    if preprocess == cache.meta.get("preprocess", _preprocess_dump(settings.preprocess)):
+        return np.asarray(cache.images[rows])
+    cfg = PreprocessConfig(**preprocess)
+    data_dir = mura.find_mura_root(settings.paths.data).parent
+    paths = cache.index["path"].iloc[rows]
+    return np.stack([preprocess_file(data_dir / p, cfg)[..., 0] for p in paths])
+
+
+def _scored(settings, cache, name: str, model, preprocess: dict, point: dict) -> Scored:
+    """One model's predictions on the gate and test rows of its part (all parts: body part)."""
+    from bonefrac.evaluate import apply_temperature
+    from bonefrac.evaluate.stage import predict
+
+    split = cache.index["split"].isin(GATE_SPLITS).to_numpy().copy()
+    if name != BODY_PART_MODEL:
+        split &= (cache.index["body_part"] == name).to_numpy()
+    rows = np.flatnonzero(split)
+    columns = ["path", "split", "patient_id", "study_id", "label", "body_part"]
+    frame = cache.index.iloc[rows][columns].reset_index(drop=True)
+    outputs = predict(model, _images(settings, cache, rows, preprocess))
+    if name == BODY_PART_MODEL:
+        parts = [body_part_name(p) for p in settings.data.parts]
+        frame["truth"] = frame["body_part"]
+        frame["pred"] = np.array(parts)[outputs.argmax(axis=1)]
+        return Scored(frame)
+    frame["prob"] = apply_temperature(outputs[:, 0], float(point["temperature"]))
+    return Scored(frame, float(point["threshold"]))
+
+
+def _operating_problem(scored: Scored) -> str | None:
+    from bonefrac.evaluate import operating_point_problem, study_level
+
+    if scored.threshold is None:
+        return None
+    studies = study_level(scored.frame[scored.frame["split"] == GATE_SPLIT])
+    return operating_point_problem(studies["label"], studies["prob"], scored.threshold)
+
+
+def _champion_input(settings, client, cache, name: str, found) -> Champion:
+    import mlflow
+
+    version, pin = found
+    preprocess = version_preprocess(version, settings)
+    if preprocess is None:
+        return Champion(str(version.version), None, "its preprocessing is not recorded", pin)
+    point = {}
+    if name != BODY_PART_MODEL:
+        try:
+            point = {k: float(version.tags[f"bonefrac.{k}"]) for k in ("threshold", "temperature")}
+        except (KeyError, ValueError):
+            return Champion(str(version.version), None, "its operating point is not recorded", pin)
+    uri = f"models:/{version.name}/{version.version}"
+    model = guarded(client, f"loading {uri}", mlflow.keras.load_model, uri)
+    return Champion(
+        str(version.version), _scored(settings, cache, name, model, preprocess, point), None, pin
+    )
+
+
+# --- register, promote ----------------------------------------------------------------------
 
 
 def register(settings: Settings) -> list[Decision]:
-    """Register the models of the latest train + evaluate stages and decide, per model,
-    whether it should become champion. Aliases are not moved here: `promote` does that
-    once everything downstream (packaging) has succeeded."""
+    """Decide, per model, whether the latest trained model should become champion, then
+    register it with the decision on its version. Aliases are not moved here: `promote` does
+    that once everything downstream (packaging) has succeeded."""
+    import keras
     import mlflow
 
     from bonefrac import tracking
+    from bonefrac.cache import load_cache
     from bonefrac.train import model_names, read_runs
 
-    layout = settings.layout
+    layout, cfg = settings.layout, settings.registry
     runs = read_runs(layout.models)
     results = json.loads((layout.evaluation / "metrics.json").read_text())
-    client = _client(settings)
+    cache = load_cache(layout.preprocessed)
+    client = registry_client(settings)
     provenance = tracking.provenance_tags(settings)
+    preprocess = _preprocess_dump(settings.preprocess)
     decisions = []
     for name in model_names(settings):
         if name not in runs:
             raise DataError(f"no trained run for model {name!r}: run the train stage first")
         reg_name = registered_name(name, settings)
-        metric, value = metric_value(results, name, settings)
-        operating = results.get(name, {}) if name != BODY_PART_MODEL else {}
+        multiclass = name == BODY_PART_MODEL
+        point = {} if multiclass else results[name]
+        model = keras.models.load_model(layout.models / name / "model.keras", compile=False)
+        challenger = _scored(settings, cache, name, model, preprocess, point)
+        found = current_champion(client, reg_name)
+        champion = _champion_input(settings, client, cache, name, found) if found else None
+        decision = decide(
+            challenger,
+            champion,
+            model=name,
+            registered_name=reg_name,
+            metric=cfg.body_part_metric if multiclass else cfg.fracture_metric,
+            multiclass=multiclass,
+            operating_problem=_operating_problem(challenger),
+            confidence=cfg.confidence,
+            min_improvement=cfg.min_improvement,
+            n_samples=cfg.bootstrap_samples,
+            seed=cfg.seed,
+        )
+        decisions.append((name, reg_name, point, decision))
+    decisions = _servable(decisions, client, settings)
+
+    registered = []
+    for name, reg_name, point, decision in decisions:
         tags = {
             **provenance,
             "bonefrac.model": name,
             "bonefrac.preprocess_hash": settings.section_hash("preprocess"),
+            "bonefrac.preprocess": json.dumps(preprocess, sort_keys=True),
             "bonefrac.image_size": str(settings.preprocess.image_size),
             "bonefrac.test_set": results["test_set"],
-            f"bonefrac.metric.{metric}": "nan" if value is None else f"{value:.6f}",
             **{
-                f"bonefrac.{k}": str(operating[k])
+                f"bonefrac.{k}": str(point[k])
                 for k in ("threshold", "temperature", "uncertain_band")
-                if k in operating
+                if k in point
             },
+            **decision.tags(),
         }
         uri = runs.get("model_uris", {}).get(name) or f"runs:/{runs[name]}/model"
-        version = mlflow.register_model(uri, reg_name, tags=tags).version
-        decision = _decide(
-            settings, client, name, reg_name, str(version), metric, value, results["test_set"]
+        version = guarded(
+            client, f"registering {reg_name}", mlflow.register_model, uri, reg_name, tags=tags
         )
-        client.set_model_version_tag(reg_name, str(version), "bonefrac.promotion", decision.reason)
-        decisions.append(decision)
-    return decisions
+        registered.append(replace(decision, version=str(version.version)))
+    return registered
+
+
+def _servable(decisions: list, client, settings: Settings) -> list:
+    """A bundle serves one preprocessing. If promoting would mix the challengers' with a kept
+    champion's, the promotions wait (reason recorded) rather than break packaging; they go
+    live together once every model's challenger wins or a person pins them."""
+    current = _preprocess_dump(settings.preprocess)
+    kept = {}
+    for name, reg_name, _, decision in decisions:
+        if not decision.promoted and decision.champion_version:
+            version = guarded(
+                client, "reading", client.get_model_version, reg_name, decision.champion_version
+            )
+            kept[name] = version_preprocess(version, settings)
+    mixed = [n for n, p in kept.items() if p != current]
+    if not mixed:
+        return decisions
+    out = []
+    for name, reg_name, point, decision in decisions:
+        if decision.promoted:
+            decision = replace(
+                decision,
+                promoted=False,
+                reason=f"not promoted yet: {decision.reason}; but the kept champion(s) of "
+                f"{', '.join(mixed)} use other preprocessing and a bundle serves one",
+            )
+        out.append((name, reg_name, point, decision))
+    return out
 
 
 def promote(settings: Settings, decisions: list[Decision]) -> None:
     """Move `champion` to every version the gate promoted."""
-    client = _client(settings)
+    client = registry_client(settings)
     for decision in decisions:
         if decision.promoted:
-            client.set_registered_model_alias(decision.registered_name, CHAMPION, decision.version)
-
-
-def _decide(settings, client, name, reg_name, version, metric, value, test_set) -> Decision:
-    champion = _champion(client, reg_name)
-    margin = settings.registry.min_improvement
-
-    def decision(promoted: bool, reason: str, champion_value=None) -> Decision:
-        return Decision(
-            name,
-            reg_name,
-            version,
-            metric,
-            value,
-            champion.version if champion else None,
-            champion_value,
-            promoted,
-            reason,
-        )
-
-    if value is None or not np.isfinite(value):
-        return decision(False, f"not promoted: {metric} could not be computed")
-    if champion is None:
-        return decision(True, f"promoted: first version ({metric} {value:.3f})")
-    champion_value = _champion_score(settings, champion, name, metric, test_set)
-    if champion_value is None:
-        return decision(True, f"promoted: champion v{champion.version} has no {metric}")
-    if value > champion_value + margin:
-        return decision(
-            True,
-            f"promoted: {metric} {value:.3f} beats champion "
-            f"v{champion.version} ({champion_value:.3f})",
-            champion_value,
-        )
-    return decision(
-        False,
-        f"kept champion v{champion.version}: {metric} {value:.3f} does not "
-        f"beat {champion_value:.3f}",
-        champion_value,
-    )
-
-
-def _champion_score(settings, champion, name, metric, test_set) -> float | None:
-    """The champion's metric on this test set: its recorded value when the test set is the
-    same, else it is scored again on the current test split."""
-    recorded = champion.tags.get(f"bonefrac.metric.{metric}")
-    if champion.tags.get("bonefrac.test_set") == test_set and recorded not in (None, "nan"):
-        return float(recorded)
-    return rescore(settings, champion, name, metric)
-
-
-def rescore(settings: Settings, version, name: str, metric: str) -> float | None:
-    """Score a registered version on the current test split with its own operating point."""
-    import mlflow
-
-    from bonefrac.cache import load_cache
-    from bonefrac.evaluate import apply_temperature, binary_metrics, multiclass_metrics, study_level
-    from bonefrac.evaluate.stage import predict
-
-    cache = load_cache(settings.layout.preprocessed)
-    if str(cache.image_size) != version.tags.get("bonefrac.image_size"):
-        return None  # different input size: not comparable, the new model wins
-    model = mlflow.keras.load_model(f"models:/{version.name}/{version.version}")
-    parts = [body_part_name(p) for p in settings.data.parts]
-    if name == BODY_PART_MODEL:
-        rows = cache.rows(split="test")
-        predicted = np.array(parts)[predict(model, cache.images[rows]).argmax(axis=1)]
-        truth = cache.index["body_part"].to_numpy()[rows]
-        return multiclass_metrics(truth, predicted, parts).get(metric)
-    rows = cache.rows(split="test", body_part=name)
-    frame = cache.index.iloc[rows].copy()
-    temperature = float(version.tags.get("bonefrac.temperature", 1.0))
-    threshold = float(version.tags.get("bonefrac.threshold", 0.5))
-    frame["prob"] = apply_temperature(predict(model, cache.images[rows])[:, 0], temperature)
-    level, _, key = metric.partition("_")
-    scored = study_level(frame) if level == "study" else frame
-    return binary_metrics(scored["label"], scored["prob"], threshold).get(key)
-
-
-def package_champions(
-    settings: Settings, decisions: list[Decision] | None = None, build: bool = True
-) -> dict:
-    """Champions -> bundle -> BentoML model store (+ `bentoml build`). Returns tags.
-
-    `decisions` package the champions-to-be (the versions the gate promoted, the current
-    champion elsewhere) before the aliases move, so a failed build promotes nothing."""
-    import mlflow
-
-    from bonefrac.bundle import save_to_bentoml, write_bundle
-    from bonefrac.data.synthetic import is_synthetic
-    from bonefrac.tracking import data_version_tag
-    from bonefrac.train import model_names
-
-    client = _client(settings)
-    names = model_names(settings)
-    promoted = {d.model: d for d in decisions or [] if d.promoted}
-    champions = {}
-    for name in names:
-        if name in promoted:
-            champions[name] = client.get_model_version(
-                promoted[name].registered_name, promoted[name].version
+            guarded(
+                client,
+                f"moving {decision.registered_name}@{CHAMPION}",
+                client.set_registered_model_alias,
+                decision.registered_name,
+                CHAMPION,
+                decision.version,
             )
-            continue
-        champion = _champion(client, registered_name(name, settings))
-        if champion is None:
-            raise DataError(
-                f"no champion for {registered_name(name, settings)}: run the pipeline first"
-            )
-        champions[name] = champion
-    hashes = {c.tags.get("bonefrac.preprocess_hash") for c in champions.values()}
-    if hashes != {settings.section_hash("preprocess")}:
-        raise DataError(
-            "champions were trained with different preprocessing than the current "
-            "settings: retrain with the current params before packaging"
-        )
-    with tempfile.TemporaryDirectory(prefix="bonefrac-bundle-") as tmp:
-        tmp = Path(tmp)
-        files, points, versions = {}, {}, {}
-        for name, champion in champions.items():
-            model = mlflow.keras.load_model(f"models:/{champion.name}/{champion.version}")
-            files[name] = tmp / f"{name}.keras"
-            model.save(files[name])
-            versions[name] = {
-                "registered_name": champion.name,
-                "version": champion.version,
-                "run_id": champion.run_id,
-            }
-            if name != BODY_PART_MODEL:
-                points[name] = {
-                    k: float(champion.tags[f"bonefrac.{k}"])
-                    for k in ("threshold", "temperature", "uncertain_band")
-                }
-            else:
-                versions[name]["classes"] = [body_part_name(p) for p in settings.data.parts]
-        bundle = write_bundle(
-            tmp / "bundle",
-            settings,
-            files,
-            points,
-            settings.layout.pca / "pca.joblib",
-            versions,
-            data_version_tag(settings),
-            is_synthetic(settings.paths.data),
-        )
-        model_tag = save_to_bentoml(bundle)
-    bento_tag = build_bento(settings) if build else None
-    return {
-        "model_tag": model_tag,
-        "bento_tag": bento_tag,
-        "versions": {n: c.version for n, c in champions.items()},
-    }
-
-
-def build_bento(settings: Settings) -> str:
-    """`bentoml build` of the project's bentofile.yaml; returns the Bento tag."""
-    project = settings.paths.project
-    if not (project / "bentofile.yaml").is_file():
-        raise DataError(f"{project / 'bentofile.yaml'} not found: cannot build the Bento")
-    result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml", "--output", "tag"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
-        raise DataError(f"bentoml build failed: {lines[-1] if lines else 'no output'}")
-    tag = result.stdout.strip().splitlines()[-1].strip()
-    return tag.removeprefix("__tag__:")

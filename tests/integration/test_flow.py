@@ -55,11 +55,15 @@ def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
         "bonefrac.data_version",
         "bonefrac.git_commit",
         "bonefrac.params_hash",
-        "bonefrac.metric.study_kappa",
+        "bonefrac.gate.value",  # the decision's number: val
+        "bonefrac.gate.decision",
+        "bonefrac.test.value",  # reported only
+        "bonefrac.preprocess",
         "bonefrac.threshold",
         "bonefrac.temperature",
     ):
         assert version.tags.get(tag), tag
+    assert 0 < float(version.tags["bonefrac.threshold"]) < 1
     assert version.tags["bonefrac.data_version"] == summary["data_version"]
     # the data were versioned with DVC and pushed to the project's default remote
     assert summary["data_version"].endswith(".dir")
@@ -85,17 +89,19 @@ def test_rerun_skips_cached_stages_and_a_worse_challenger_does_not_win(pipeline_
     body = decisions["body_part"]
     assert not body["promoted"] and body["reason"].startswith("kept champion v1")
     assert champions(project)["bonefrac-body-part"] == "1"
-    for decision in decisions.values():  # the gate is applied consistently everywhere
+    for decision in decisions.values():  # promoted only on a significant gain on val
+        gate = decision["gate"]
         if decision["promoted"]:
-            assert decision["value"] > decision["champion_value"]
+            assert gate["lower"] > gate["min_improvement"] and gate["split"] == "val"
         else:
-            assert decision["value"] is None or decision["value"] <= decision["champion_value"]
+            assert gate is None or not gate["passed"]
     client = client_for(project)
-    assert (
-        client.get_model_version("bonefrac-body-part", "2")
-        .tags["bonefrac.promotion"]
-        .startswith("kept champion")
-    )
+    tags = client.get_model_version("bonefrac-body-part", "2").tags
+    assert tags["bonefrac.promotion"].startswith("kept champion")
+    assert tags["bonefrac.gate.decision"] == "not promoted"
+    assert float(tags["bonefrac.gate.delta"]) < 0  # an untrained challenger is worse
+    assert float(tags["bonefrac.gate.lower"]) <= float(tags["bonefrac.gate.delta"])
+    assert float(tags["bonefrac.gate.detectable"]) > 0  # the gate's power is on record
 
 
 def test_failed_stage_promotes_nothing_and_marks_runs_failed(pipeline_run, tmp_path):

@@ -23,7 +23,7 @@ from bonefrac import DISCLAIMER
 from bonefrac import evaluate as ev
 from bonefrac.config import EvaluateConfig
 from bonefrac.errors import DataError
-from bonefrac.evaluate.bootstrap import _weighted_metrics
+from bonefrac.evaluate.bootstrap import weighted_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -133,7 +133,7 @@ def test_vectorised_resample_metrics_equal_sklearn_with_weights():
     labels = rng.integers(0, 2, 60)
     probs = np.round(np.clip(labels * 0.3 + rng.random(60) * 0.7, 0, 1), 1)  # many ties
     weights = rng.integers(0, 3, (5, 60)).astype(float)
-    got = _weighted_metrics(labels, probs, 0.5, weights)
+    got = weighted_metrics(labels, probs, 0.5, weights)
     pred = (probs >= 0.5).astype(int)
     for b, w in enumerate(weights):
         expected = {

@@ -6,11 +6,12 @@ Layout (Stanford AIMI's release):
     MURA-v1.1/{train,valid}_labeled_studies.csv  no header, "study path/,0|1"
 
 MURA `valid` becomes our **test** split and is never used to pick anything; `val` is carved
-from MURA `train` by patient, stratified by body part and label.
+from MURA `train` by a stable hash of the patient id (`assign_val_split`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -18,7 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import pandas as pd
 
 from bonefrac.config import DataConfig
@@ -184,11 +184,21 @@ def _rows(
     return rows
 
 
-def assign_val_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
-    """Move a seeded, stratified share of MURA-train *patients* to `val`.
+def patient_draw(patient_id: str, seed: int) -> float:
+    """A patient's fixed draw in [0, 1): a hash of (seed, patient id), so it never changes
+    when other patients are added or removed."""
+    digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
-    Patients are stratified by their main body part and whether any of their studies is
-    abnormal, so val mirrors train. A stratum of 3+ patients gives at least one to val.
+
+def assign_val_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
+    """Move MURA-train *patients* whose hash draw falls below `val_fraction` to `val`.
+
+    Stable per patient: adding data never moves an existing patient from train to val, so a
+    champion trained earlier has never seen today's val patients and a comparison on val is
+    fair to the challenger. On small sets a stratum (main body part x any abnormal study) of
+    3+ patients with none drawn gives its lowest-draw patient to val, so val keeps both
+    classes of every part; that patient can only leave val (when a new patient draws lower).
     """
     frame = frame.copy()
     train = frame[frame["mura_split"] == "train"]
@@ -197,16 +207,13 @@ def assign_val_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> pd.
     per_patient = train.groupby("patient_id").agg(
         part=("part", lambda s: s.mode().iloc[0]), abnormal=("label", "max")
     )
-    rng = np.random.default_rng(seed)
-    val_patients: list[str] = []
+    per_patient["draw"] = [patient_draw(p, seed) for p in per_patient.index]
+    val = per_patient["draw"] < val_fraction
     for _, stratum in per_patient.groupby(["part", "abnormal"], sort=True):
-        patients = sorted(stratum.index)
-        n_val = round(val_fraction * len(patients))
-        if len(patients) >= 3:
-            n_val = max(1, n_val)
-        val_patients += list(rng.permutation(patients)[:n_val])
+        if len(stratum) >= 3 and not val[stratum.index].any():
+            val[stratum["draw"].idxmin()] = True
     frame.loc[
-        (frame["mura_split"] == "train") & frame["patient_id"].isin(val_patients), "split"
+        (frame["mura_split"] == "train") & frame["patient_id"].isin(val[val].index), "split"
     ] = "val"
     return frame
 

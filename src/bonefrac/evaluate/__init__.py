@@ -33,6 +33,7 @@ from bonefrac.evaluate.metrics import (
     finding,
     findings,
     multiclass_metrics,
+    operating_point_problem,
     study_level,
 )
 from bonefrac.evaluate.plots import (
@@ -78,6 +79,7 @@ __all__ = [
     "fit_temperature",
     "model_card",
     "multiclass_metrics",
+    "operating_point_problem",
     "pr_curve_plot",
     "pr_points",
     "read_submission",

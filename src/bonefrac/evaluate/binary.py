@@ -21,6 +21,7 @@ from bonefrac.evaluate.metrics import (
     binary_metrics,
     choose_threshold,
     findings,
+    operating_point_problem,
     study_level,
 )
 
@@ -40,6 +41,7 @@ class BinaryEvaluation:
     study_ci: dict
     calibration: dict  # ECE before/after temperature scaling on test
     val_study: dict  # val study-level metrics at the chosen threshold
+    operating_point_problem: str | None  # why the threshold is unusable on val; None = usable
     test_studies: pd.DataFrame = field(repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -52,6 +54,7 @@ class BinaryEvaluation:
             "uncertain_share": self.uncertain_share,
             "calibration": dict(self.calibration),
             "val_study": dict(self.val_study),
+            "operating_point_problem": self.operating_point_problem,
             "image": {**self.image, "ci": {k: _ci_list(v) for k, v in self.image_ci.items()}},
             "study": {**self.study, "ci": {k: _ci_list(v) for k, v in self.study_ci.items()}},
         }
@@ -141,5 +144,8 @@ def evaluate_binary(
             "study_ece_after": ece(studies, "prob"),
         },
         val_study=binary_metrics(val_studies["label"], val_studies["prob"], threshold),
+        operating_point_problem=operating_point_problem(
+            val_studies["label"], val_studies["prob"], threshold
+        ),
         test_studies=studies,
     )

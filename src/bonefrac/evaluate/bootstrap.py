@@ -3,6 +3,7 @@ splits keep apart; all resamples are scored at once by hand-vectorised metrics."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 from bonefrac.evaluate.metrics import CI_METRICS, study_level
 
 
-def _weighted_metrics(
+def weighted_metrics(
     labels: np.ndarray, probs: np.ndarray, threshold: float, weights: np.ndarray
 ) -> dict[str, np.ndarray]:
     """CI_METRICS for many resamples at once; weights (n_resamples, n_rows) are draw counts.
@@ -57,6 +58,22 @@ def _weighted_metrics(
         }
 
 
+def patient_weights(groups: pd.Series, n_samples: int, seed: int) -> Iterator[np.ndarray]:
+    """Bootstrap resamples of the patients in `groups` (one entry per row), as row weights:
+    chunks of (resamples, rows) draw counts; a patient drawn twice counts twice. Chunked so
+    memory stays at ~16 MB of weights whatever the number of rows."""
+    codes, uniques = pd.factorize(groups)
+    n_groups = len(uniques)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // max(1, len(codes)))
+    for start in range(0, n_samples, chunk):
+        size = min(chunk, n_samples - start)
+        draws = rng.integers(0, n_groups, size=(size, n_groups))
+        offsets = (np.arange(size) * n_groups)[:, None]
+        counts = np.bincount((draws + offsets).ravel(), minlength=size * n_groups)
+        yield counts.reshape(size, n_groups)[:, codes].astype(float)  # (size, rows)
+
+
 def bootstrap_ci(
     frame: pd.DataFrame,
     threshold: float,
@@ -82,18 +99,9 @@ def bootstrap_ci(
         return dict.fromkeys(CI_METRICS)
     labels = frame["label"].to_numpy(dtype=int)
     probs = frame[prob_col].to_numpy(dtype=float)
-    groups, uniques = pd.factorize(frame[group_col])
-    n_groups = len(uniques)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // len(frame))  # bounds memory at ~16 MB of weights per chunk
     samples: dict[str, list[np.ndarray]] = {name: [] for name in CI_METRICS}
-    for start in range(0, n_samples, chunk):
-        size = min(chunk, n_samples - start)
-        draws = rng.integers(0, n_groups, size=(size, n_groups))
-        offsets = (np.arange(size) * n_groups)[:, None]
-        counts = np.bincount((draws + offsets).ravel(), minlength=size * n_groups)
-        weights = counts.reshape(size, n_groups)[:, groups].astype(float)  # (size, rows)
-        for name, values in _weighted_metrics(labels, probs, threshold, weights).items():
+    for weights in patient_weights(frame[group_col], n_samples, seed):
+        for name, values in weighted_metrics(labels, probs, threshold, weights).items():
             samples[name].append(values)
     tail = (1 - confidence) / 2 * 100
     intervals: dict[str, tuple[float, float] | None] = {}

@@ -116,8 +116,14 @@ def choose_threshold(
     target_sensitivity: float = 0.9,
 ) -> float:
     """Operating point from the ROC curve: 'youden' maximises tpr - fpr, 'sensitivity' is the
-    highest threshold whose sensitivity reaches the target. 0.5 if labels hold one class."""
+    highest threshold whose sensitivity reaches the target. 0.5 if labels hold one class.
+
+    Always strictly inside (0, 1): a cut at a saturated score (1.0) or above every score
+    moves to the midpoint between the two distinct scores around it, so the same studies are
+    called abnormal and a probability can land on either side. Whether the point is usable
+    on val is `operating_point_problem`'s question."""
     labels = np.asarray(labels, dtype=int)
+    probs = np.asarray(probs, dtype=float)
     if not _two_classes(labels):
         warnings.warn("threshold needs both classes; using 0.5", stacklevel=2)
         return 0.5
@@ -128,7 +134,32 @@ def choose_threshold(
         best = int(np.argmax(tpr >= target_sensitivity))  # thresholds fall as tpr rises
     else:
         raise ValueError(f"threshold method must be 'youden' or 'sensitivity', not {method!r}")
-    return float(min(thresholds[best], 1.0))  # thresholds[0] is inf: "nothing positive"
+    cut = float(thresholds[best])  # thresholds[0] is inf: "nothing positive"
+    if 0.0 < cut < 1.0:
+        return cut
+    scores = np.unique(np.clip(probs, 0.0, 1.0))
+    if cut >= 1.0:  # saturated or "nothing positive": just below the cut, above the rest
+        below = scores[scores < min(cut, 1.0)]
+        return float((min(cut, 1.0) + (below.max() if below.size else 0.0)) / 2)
+    above = scores[scores > 0.0]  # cut at 0: everything positive
+    return float(above.min() / 2) if above.size else 0.5
+
+
+def operating_point_problem(labels: Sequence[int], probs: Sequence[float], threshold: float):
+    """Why a threshold is unusable on the studies it was fitted on, or None when usable:
+    it must lie strictly inside (0, 1), val must hold both classes, and both findings must be
+    reached on val (a model that calls every study the same cannot be operated)."""
+    labels = np.asarray(labels, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
+        return f"threshold {threshold} is not strictly between 0 and 1"
+    if not _two_classes(labels):
+        return "val holds one class only, so no operating point could be fitted"
+    positive = probs >= threshold
+    if positive.all() or not positive.any():
+        called = "abnormal" if positive.all() else "normal"
+        return f"at threshold {threshold:.3g} every val study is called {called}"
+    return None
 
 
 def finding(prob: float, threshold: float, band: float) -> str:

@@ -378,13 +378,16 @@ class Predictor:
         self, part: str, fracture: dict, accepted: bool, study_images: int | None = None
     ) -> dict:
         context = {"ood": not accepted, "study_images": study_images}
-        rec = recommend(
-            part,
-            fracture["finding"],
-            fracture["probability"],
-            context,
-            threshold=fracture["threshold"],
-        )
+        try:
+            rec = recommend(
+                part,
+                fracture["finding"],
+                fracture["probability"],
+                context,
+                threshold=fracture["threshold"],
+            )
+        except UserError as exc:  # the bundle's operating point, not the request: a 5xx
+            raise RuntimeError(f"the {part} model's operating point is unusable: {exc}") from exc
         return rec.model_dump(mode="json")
 
     def _gradcam(self, part: str):

@@ -1,0 +1,158 @@
+"""Packaging: the champions (or the champions-to-be) -> one bundle -> BentoML model store ->
+`bentoml build`. Refuses a champion whose operating point cannot be served, and bundles the
+champions' own preprocessing, recorded per model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bonefrac.config import PreprocessConfig, Settings
+from bonefrac.data.mura import body_part_name
+from bonefrac.errors import DataError
+from bonefrac.gate import Decision
+from bonefrac.models import BODY_PART_MODEL
+from bonefrac.registry import (
+    current_champion,
+    guarded,
+    registered_name,
+    registry_client,
+    version_preprocess,
+)
+
+
+def package_champions(
+    settings: Settings, decisions: list[Decision] | None = None, build: bool = True
+) -> dict:
+    """Champions -> bundle -> BentoML model store (+ `bentoml build`). Returns tags.
+
+    `decisions` package the champions-to-be (the versions the gate promoted, the current
+    champion elsewhere) before the aliases move, so a failed build promotes nothing."""
+    import mlflow
+
+    from bonefrac.bundle import save_to_bentoml, write_bundle
+    from bonefrac.data.synthetic import is_synthetic
+    from bonefrac.tracking import data_version_tag
+    from bonefrac.train import model_names
+
+    client = registry_client(settings)
+    names = model_names(settings)
+    promoted = {d.model: d for d in decisions or [] if d.promoted}
+    champions = {}
+    for name in names:
+        if name in promoted:
+            champions[name] = guarded(
+                client,
+                "reading",
+                client.get_model_version,
+                promoted[name].registered_name,
+                promoted[name].version,
+            )
+            continue
+        found = current_champion(client, registered_name(name, settings))
+        if found is None:
+            raise DataError(
+                f"no champion for {registered_name(name, settings)}: run the pipeline first "
+                "(or pin a version with `bonefrac champion pin`)"
+            )
+        champions[name] = found[0]
+    for name, champion in champions.items():
+        if name != BODY_PART_MODEL:
+            problem = _packaging_problem(champion)
+            if problem:
+                raise DataError(
+                    f"cannot package {champion.name} v{champion.version}: {problem}; pin a "
+                    "version with a usable operating point (`bonefrac champion pin`)"
+                )
+    preprocess = {n: version_preprocess(c, settings) for n, c in champions.items()}
+    if (
+        None in preprocess.values()
+        or len({json.dumps(p, sort_keys=True) for p in preprocess.values()}) != 1
+    ):
+        raise DataError(
+            "the champions were trained with different (or unrecorded) preprocessing and a "
+            "bundle serves one: pin champions that share one (`bonefrac champion pin`)"
+        )
+    # the champions' own preprocessing, which may predate the current params
+    bundle_settings = settings.model_copy(
+        update={"preprocess": PreprocessConfig(**next(iter(preprocess.values())))}
+    )
+    with tempfile.TemporaryDirectory(prefix="bonefrac-bundle-") as tmp:
+        tmp = Path(tmp)
+        files, points, versions = {}, {}, {}
+        for name, champion in champions.items():
+            uri = f"models:/{champion.name}/{champion.version}"
+            model = guarded(client, f"loading {uri}", mlflow.keras.load_model, uri)
+            files[name] = tmp / f"{name}.keras"
+            model.save(files[name])
+            versions[name] = {
+                "registered_name": champion.name,
+                "version": champion.version,
+                "run_id": champion.run_id,
+                "preprocess": preprocess[name],  # each model's own (all equal: see above)
+            }
+            if name != BODY_PART_MODEL:
+                points[name] = {
+                    k: float(champion.tags[f"bonefrac.{k}"])
+                    for k in ("threshold", "temperature", "uncertain_band")
+                }
+            else:
+                versions[name]["classes"] = [body_part_name(p) for p in settings.data.parts]
+        bundle = write_bundle(
+            tmp / "bundle",
+            bundle_settings,
+            files,
+            points,
+            settings.layout.pca / "pca.joblib",
+            versions,
+            data_version_tag(settings),
+            is_synthetic(settings.paths.data),
+        )
+        model_tag = save_to_bentoml(bundle)
+    bento_tag = build_bento(settings) if build else None
+    return {
+        "model_tag": model_tag,
+        "bento_tag": bento_tag,
+        "versions": {n: c.version for n, c in champions.items()},
+    }
+
+
+def _packaging_problem(version) -> str | None:
+    """Why a fracture champion's operating point cannot be served, or None."""
+    try:
+        threshold = float(version.tags["bonefrac.threshold"])
+        temperature = float(version.tags["bonefrac.temperature"])
+    except (KeyError, ValueError):
+        return "it has no recorded operating point (threshold, temperature)"
+    if not (np.isfinite(threshold) and 0.0 < threshold < 1.0):
+        return f"its threshold {threshold} is not strictly between 0 and 1"
+    if not (np.isfinite(temperature) and temperature > 0):
+        return f"its temperature {temperature} is not positive"
+    if version.tags.get("bonefrac.gate.decision") == "not promoted" and version.tags.get(
+        "bonefrac.promotion", ""
+    ).startswith("not promoted: unusable operating point"):
+        return version.tags["bonefrac.promotion"].removeprefix("not promoted: ")
+    return None
+
+
+def build_bento(settings: Settings) -> str:
+    """`bentoml build` of the project's bentofile.yaml; returns the Bento tag."""
+    project = settings.paths.project
+    if not (project / "bentofile.yaml").is_file():
+        raise DataError(f"{project / 'bentofile.yaml'} not found: cannot build the Bento")
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml", "--output", "tag"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
+        raise DataError(f"bentoml build failed: {lines[-1] if lines else 'no output'}")
+    tag = result.stdout.strip().splitlines()[-1].strip()
+    return tag.removeprefix("__tag__:")
