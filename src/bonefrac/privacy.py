@@ -50,3 +50,18 @@ def pseudonymise_path(path: str, key: bytes) -> str:
 
 def pseudonymise_paths(paths: Iterable[str], key: bytes) -> list[str]:
     return [pseudonymise_path(str(p), key) for p in paths]
+
+
+_PATH_COLUMNS = ("study_id", "study_path", "path")
+
+
+def pseudonymise_frame(frame, key: bytes):
+    """A copy of a per-image or per-study table with patient ids and the patient folder of
+    every path column replaced by their pseudonyms."""
+    out = frame.copy()
+    for column in _PATH_COLUMNS:
+        if column in out.columns:
+            out[column] = pseudonymise_paths(out[column].astype(str), key)
+    if "patient_id" in out.columns:
+        out["patient_id"] = [pseudonym(str(p), key) for p in out["patient_id"]]
+    return out

@@ -27,3 +27,22 @@ def test_hospital_folder_names_after_the_body_part_are_pseudonymised():
     assert "Doe_Jane" not in out[0] and "19500101" not in out[0]
     assert out[0].startswith("site/XR_HAND/pt-") and out[1].startswith("XR_HAND/pt-")
     assert len({o.split("/")[-3] for o in out}) == 2
+
+
+def test_study_tables_lose_patient_ids_but_keep_their_rows():
+    import pandas as pd
+
+    from bonefrac.privacy import pseudonymise_frame
+
+    frame = pd.DataFrame(
+        {
+            "study_id": [STUDY, STUDY.replace("11185", "11186")],
+            "patient_id": ["11185", "11186"],
+            "prob": [0.2, 0.9],
+        }
+    )
+    out = pseudonymise_frame(frame, b"k" * 32)
+    text = out.to_csv(index=False)
+    assert "11185" not in text and "11186" not in text
+    assert out["prob"].tolist() == [0.2, 0.9] and out["patient_id"].nunique() == 2
+    assert frame["patient_id"].tolist() == ["11185", "11186"]  # the input is untouched
