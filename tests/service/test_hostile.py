@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .conftest import MAX_UPLOAD_MB
 from .inputs import dicom
@@ -225,3 +227,36 @@ def test_metrics_labels_are_bounded(server):
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "probe-Doe-Jane" not in metrics
     assert 'endpoint="/other"' in metrics and 'endpoint="/predict"' in metrics
+
+
+@st.composite
+def _mutated_requests(draw, valid: bytes) -> bytes:
+    data = bytearray(valid)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(["flip", "cut", "insert"]))
+        if kind == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "cut":
+            del data[at : at + draw(st.integers(1, 32))]
+        else:
+            data[at:at] = draw(st.sampled_from([b"\r\n", b'"', b";", b"--", b"filename=", b"\x00"]))
+    return bytes(data)
+
+
+def test_fuzzed_multipart_requests_never_get_a_5xx(server, good_png):
+    valid = multipart(('form-data; name="image"; filename="a.png"', good_png.read_bytes()[:600]),
+                      ('form-data; name="explain"', b"false"))  # fmt: skip
+    statuses = []
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(_mutated_requests(valid))
+    def check(body: bytes) -> None:
+        response = post(server, "/predict", body)
+        statuses.append(response.status_code)
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            assert set(response.json()) == {"error"}
+
+    check()
+    assert len(statuses) >= 40

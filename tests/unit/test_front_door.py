@@ -86,3 +86,33 @@ def test_header_limits_and_text_limits_are_4xx():
     long_text = _multipart(('form-data; name="image"; filename="a"', b"1"),
                            ('form-data; name="explain"', b"t" * 65))  # fmt: skip
     assert "over 64 bytes" in _call("POST", "/predict", long_text).json()["error"]["message"]
+
+
+def test_bentoml_concurrency_limit_answers_in_the_one_shape():
+    from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware
+
+    from bonefrac.serving.bentoml_hooks import envelope_outer_errors
+
+    envelope_outer_errors()
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(scope, receive, send):
+        entered.set()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = MaxConcurrencyMiddleware(slow, max_concurrency=1)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=limited)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = asyncio.create_task(client.get("/predict"))
+            await entered.wait()  # the first request holds the only slot
+            second = await client.get("/predict")
+            release.set()
+            return [await first, second]
+
+    first, second = asyncio.run(run())
+    assert first.status_code == 200
+    assert second.status_code == 429 and second.json()["error"]["code"] == "busy"

@@ -169,10 +169,11 @@ class BonefracService:
     bundle = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from bonefrac.serving.metrics_labels import bound_endpoint_labels
+        from bonefrac.serving.bentoml_hooks import bound_endpoint_labels, envelope_outer_errors
         from bonefrac.serving.predictor import Predictor
 
         bound_endpoint_labels(KNOWN_PATHS)
+        envelope_outer_errors()
         stored = self.bundle
         self.settings = serve_settings()
         self.max_bytes = int(self.settings.max_upload_mb * 1_000_000)
