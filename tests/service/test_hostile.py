@@ -260,3 +260,9 @@ def test_fuzzed_multipart_requests_never_get_a_5xx(server, good_png):
 
     check()
     assert len(statuses) >= 40
+
+
+def test_refused_uploads_leave_no_traceback_in_the_log(server):
+    response = post(server, "/predict", multipart(('form-data; name="image"', b"http://x/")))
+    assert_error(response, 400, "not_a_file")
+    assert "ClientDisconnect" not in server.log_text()

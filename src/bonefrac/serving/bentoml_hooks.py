@@ -7,6 +7,9 @@ a class moves, serving goes on without the hook and a warning says so):
   outside the service's own routes is counted as `/other`; the app inside sees the real path.
 - `envelope_outer_errors`: the 429 of BentoML's concurrency limit and the 504 of its timeout
   get the service's one error shape (`envelope.EnvelopeSend`).
+- `quiet_refused_uploads`: when the front door refuses an upload mid-body, BentoML's form
+  parser sees the disconnect it announces and logs a ClientDisconnect traceback; that record
+  is dropped (FrontDoor logs one line with the refusal's code instead).
 """
 
 from __future__ import annotations
@@ -76,3 +79,16 @@ def envelope_outer_errors() -> None:
 
         cls.__call__ = __call__
         cls._bonefrac_enveloped = True
+
+
+class _NoClientDisconnect(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "ClientDisconnect"
+
+
+def quiet_refused_uploads() -> None:
+    """Drop BentoML's traceback for a form whose body the front door cut off."""
+    bentoml_logger = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, _NoClientDisconnect) for f in bentoml_logger.filters):
+        bentoml_logger.addFilter(_NoClientDisconnect())

@@ -169,11 +169,12 @@ class BonefracService:
     bundle = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from bonefrac.serving.bentoml_hooks import bound_endpoint_labels, envelope_outer_errors
+        from bonefrac.serving import bentoml_hooks
         from bonefrac.serving.predictor import Predictor
 
-        bound_endpoint_labels(KNOWN_PATHS)
-        envelope_outer_errors()
+        bentoml_hooks.bound_endpoint_labels(KNOWN_PATHS)
+        bentoml_hooks.envelope_outer_errors()
+        bentoml_hooks.quiet_refused_uploads()
         stored = self.bundle
         self.settings = serve_settings()
         self.max_bytes = int(self.settings.max_upload_mb * 1_000_000)

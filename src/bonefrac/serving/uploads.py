@@ -299,6 +299,8 @@ class FrontDoor:
                 raise
             # The app saw the disconnect we announced; the refusal below is the answer.
         refusal = state["refusal"]
+        if refusal is not None:
+            logger.info("request %s: refused (%s)", held.rid, refusal.code)  # never the payload
         if refusal is not None and not held.sent:
             close = refusal.status in (408, 413) or not state["done"]
             await send_error(send, refusal.status, refusal.code, refusal.message, close=close)
