@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bonefrac.bundle_integrity import verify_bundle, write_manifest
 from bonefrac.config import Settings
 from bonefrac.data.mura import body_part_name
 from bonefrac.errors import DataError
@@ -80,6 +81,7 @@ def write_bundle(
         "synthetic": synthetic,
     }
     (out_dir / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out_dir)  # SHA-256 of every file, checked on import (bundle_integrity)
     return out_dir
 
 
@@ -123,11 +125,15 @@ def read_bundle(path: Path) -> dict:
     return manifest
 
 
-def save_to_bentoml(bundle_dir: Path, name: str = BENTO_MODEL_NAME) -> str:
-    """Copy a bundle into the BentoML model store; returns the model tag (name:version)."""
+def save_to_bentoml(
+    bundle_dir: Path, name: str = BENTO_MODEL_NAME, parts: list[str] | None = None
+) -> str:
+    """Copy a bundle into the BentoML model store, after checking it is exactly what packaging
+    wrote (bundle_integrity); returns the model tag (name:version)."""
     import bentoml
 
     manifest = read_bundle(bundle_dir)
+    verify_bundle(bundle_dir, manifest, parts)
     metadata = {
         "parts": manifest["parts"],
         "image_size": manifest["image_size"],

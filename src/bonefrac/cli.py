@@ -403,6 +403,8 @@ def champion_unpin(ctx: click.Context, model: str, reason: str) -> None:
     click.echo(unpin(_settings(ctx), model, reason))
 
 
+SHUTDOWN_GRACE_S = 20  # `bonefrac serve`: seconds in-flight requests get after SIGTERM
+
 _BUNDLE_OPTION = click.option(
     "--bundle",
     type=click.Path(path_type=Path),
@@ -419,17 +421,19 @@ _BUNDLE_OPTION = click.option(
 def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle: Path | None):
     """Start the BentoML service (bonefrac:latest from the model store): the upload page on
     http://HOST:PORT/, POST /predict, /predict_study, /predict_batch, GET /healthz, /readyz,
-    /metrics. Ctrl-C stops it."""
+    /metrics. Ctrl-C or SIGTERM stops it."""
     import os
-    import subprocess
 
     from bonefrac.config import find_params
 
     settings = _settings(ctx)
     if bundle is not None:
         from bonefrac.bundle import save_to_bentoml
+        from bonefrac.data.mura import body_part_name
 
-        click.echo(f"imported {bundle} into the BentoML model store as {save_to_bentoml(bundle)}")
+        parts = [body_part_name(p) for p in settings.data.parts]
+        tag = save_to_bentoml(bundle, parts=parts)
+        click.echo(f"imported {bundle} into the BentoML model store as {tag}")
     else:
         _stored_bundle()  # one line now rather than a traceback from the server
     env = dict(os.environ)
@@ -441,10 +445,13 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
     host, port = host or settings.serve.host, port or settings.serve.port
     command = [sys.executable, "-m", "bentoml", "serve", "bonefrac.serving.service:BonefracService"]
     click.echo(f"serving on http://{host}:{port}/ (ready when /readyz answers 200)")
-    try:
-        ctx.exit(subprocess.call([*command, "--host", host, "--port", str(port)], env=env))
-    except KeyboardInterrupt:
-        ctx.exit(130)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the server (same PID): SIGTERM/SIGINT from systemd, a supervisor or `kill` reach
+    # BentoML itself, which stops its workers and frees the port; no orphan keeps serving.
+    # In-flight requests get SHUTDOWN_GRACE_S to finish after the signal.
+    grace = ["--timeout-graceful-shutdown", str(SHUTDOWN_GRACE_S)]
+    os.execve(sys.executable, [*command, "--host", host, "--port", str(port), *grace], env)
 
 
 @cli.command("predict")

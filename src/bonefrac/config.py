@@ -166,6 +166,7 @@ class ServeConfig(_Section):
     max_pixels: int = Field(40_000_000, ge=1)
     min_side: int = Field(32, ge=1)
     ood_gate: bool = True
+    body_timeout_s: float = Field(30, gt=0)  # an upload body must arrive within this
 
 
 class Layout(BaseModel):

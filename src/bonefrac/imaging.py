@@ -9,6 +9,7 @@ with the pixel-related tags alone, so patient tags are never even parsed (invari
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from pathlib import Path
 from typing import TypedDict, Unpack
@@ -21,6 +22,7 @@ from PIL import Image, ImageFile, ImageOps
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from bonefrac import decode_budget as budget
 from bonefrac.config import PreprocessConfig
 from bonefrac.errors import UserError
 
@@ -94,6 +96,29 @@ def decode(
     The limits are checked before any pixel is decoded, so a hostile upload costs a header
     parse, not gigabytes of memory.
     """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A global that other code may flip; with it Pillow pads truncated files with grey and
+        # the model would silently classify half an image. A fault of the process, not the file.
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code; bonefrac needs "
+            "it False to reject truncated images"
+        )
+    try:
+        return _decode(data, max_pixels, min_side, max_bytes)
+    except ImageError:
+        raise
+    except budget.BudgetError as exc:
+        raise ImageError(str(exc), exc.code) from None
+    except MemoryError:
+        raise  # the budget keeps a file from needing this much: the server is short of memory
+    except Exception:
+        # Whatever a crafted file makes a decoder raise, it is a fault of the file (a 4xx).
+        raise ImageError(
+            "the file is damaged and cannot be decoded; export the X-ray again", "corrupt"
+        ) from None
+
+
+def _decode(data: bytes, max_pixels: int, min_side: int, max_bytes: int | None) -> np.ndarray:
     if not data:
         raise ImageError("the file is empty (0 bytes); send a PNG, JPEG or DICOM X-ray", "empty")
     if max_bytes is not None and len(data) > max_bytes:
@@ -116,7 +141,7 @@ def decode(
             "the file is not a PNG, JPEG or DICOM image; export the X-ray in one of these formats",
             "not_an_image",
         )
-    return _dicom_to_gray(ds, max_pixels, min_side)
+    return _dicom_to_gray(ds, len(data), max_pixels, min_side)
 
 
 def load_file(path: Path, **limits: Unpack[Limits]) -> np.ndarray:
@@ -229,42 +254,22 @@ def _round_to_uint8(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(image, 0, 255)).astype(np.uint8)
 
 
-def _check_size(width: int, height: int, max_pixels: int, min_side: int) -> None:
-    if width * height > max_pixels:
-        raise ImageError(
-            f"the image is {width} x {height} pixels ({width * height:,}), over the limit of "
-            f"{max_pixels:,}; downscale it first",
-            "too_many_pixels",
-        )
-    if min(width, height) < min_side:
-        raise ImageError(
-            f"the image is {width} x {height} pixels; both sides must be at least {min_side} "
-            "pixels",
-            "too_small",
-        )
-
-
 def _decode_pillow(data: bytes, kind: str, max_pixels: int, min_side: int) -> np.ndarray:
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # A global that other code may flip; with it Pillow pads truncated files with grey and
-        # the model would silently classify half an image.
-        raise RuntimeError(
-            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code; bonefrac needs "
-            "it False to reject truncated images"
-        )
     try:
-        with Image.open(BytesIO(data), formats=[kind]) as opened:
+        with budget.pillow_guard(max_pixels), Image.open(BytesIO(data), formats=[kind]) as opened:
             # The header gives the size; check it before `load` allocates the pixels.
-            _check_size(*opened.size, max_pixels, min_side)
+            budget.check_pixels(*opened.size, len(data), max_pixels, min_side)
             opened.load()
             ImageOps.exif_transpose(opened, in_place=True)  # photos of films carry a rotation
             return _pillow_to_gray(opened)
-    except ImageError:
+    except (ImageError, budget.BudgetError):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # Pillow's own guard (about 179 M pixels, or 89 M when warnings are errors).
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard at max_pixels (pillow_guard) fires in `open`, before our check.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
         raise ImageError(
-            f"the image has too many pixels (over the limit of {max_pixels:,}); downscale it first",
+            f"the image has {size}, over the limit of {max_pixels:,}; downscale it first",
             "too_many_pixels",
         ) from None
     except MemoryError:
@@ -312,6 +317,7 @@ def _read_dicom(data: bytes, *, force: bool = False) -> pydicom.Dataset | None:
     Exceptions from pydicom are never chained or quoted, here or below: only pixels, sizes and
     transfer syntax names leave this module.
     """
+    budget.check_dicom_meta(data)  # before dcmread, which would inflate a deflated dataset
     try:
         ds = pydicom.dcmread(BytesIO(data), force=force, specific_tags=_DICOM_PIXEL_TAGS)
     except MemoryError:
@@ -327,7 +333,7 @@ def _read_dicom(data: bytes, *, force: bool = False) -> pydicom.Dataset | None:
     return ds
 
 
-def _dicom_to_gray(ds: pydicom.Dataset, max_pixels: int, min_side: int) -> np.ndarray:
+def _dicom_to_gray(ds: pydicom.Dataset, n_bytes: int, max_pixels: int, min_side: int) -> np.ndarray:
     if not any(k in ds for k in _DICOM_PIXEL_DATA):
         raise ImageError(
             "the DICOM file holds no image (it has no Pixel Data); send the DICOM file of the "
@@ -339,7 +345,7 @@ def _dicom_to_gray(ds: pydicom.Dataset, max_pixels: int, min_side: int) -> np.nd
             "the DICOM file does not say its image size (Rows/Columns); export the X-ray again",
             "corrupt",
         )
-    _check_size(int(ds.Columns), int(ds.Rows), max_pixels, min_side)
+    budget.check_dicom(ds, n_bytes, max_pixels, min_side)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric not in _DICOM_PHOTOMETRICS:
         raise ImageError(
@@ -348,21 +354,39 @@ def _dicom_to_gray(ds: pydicom.Dataset, max_pixels: int, min_side: int) -> np.nd
             "dicom_unsupported",
         )
     syntax = _transfer_syntax(ds)
+    budget.check_syntax(syntax)
+    if syntax.is_compressed:
+        budget.check_compressed_frame(ds, max_pixels)
 
     try:
-        pixels = pydicom.pixels.pixel_array(ds, index=0)  # first frame of a multi-frame file
+        with budget.pillow_guard(max_pixels):  # pydicom decodes JPEG frames with Pillow
+            pixels = pydicom.pixels.pixel_array(ds, index=0)  # first frame of a multi-frame file
     except MemoryError:
         raise
     except Exception as exc:
         raise _undecodable_dicom(syntax, exc) from None
+    if pixels.shape[:2] != (int(ds.Rows), int(ds.Columns)):
+        raise ImageError(
+            "the DICOM pixel data does not match its header and cannot be decoded; export the "
+            "X-ray again",
+            "corrupt",
+        )
 
-    if pixels.ndim == 3:  # colour (H, W, 3), already converted to RGB by pydicom
-        values = pixels.astype(np.float64) @ _LUMA.astype(np.float64)
-    else:
-        # Stored values -> physical units (Modality LUT / rescale) -> the intended window (VOI).
-        values = pydicom.pixels.apply_modality_lut(pixels, ds)
-        values = pydicom.pixels.apply_voi_lut(values, ds, index=0)
-    values = np.asarray(values, dtype=np.float64)
+    try:
+        if pixels.ndim == 3:  # colour (H, W, 3), already converted to RGB by pydicom
+            values = pixels.astype(np.float64) @ _LUMA.astype(np.float64)
+        else:
+            # Stored values -> physical units (Modality LUT / rescale) -> the intended window.
+            values = pydicom.pixels.apply_modality_lut(pixels, ds)
+            values = pydicom.pixels.apply_voi_lut(values, ds, index=0)
+        values = np.asarray(values, dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception:
+        raise ImageError(
+            "the DICOM rescale or window values cannot be applied; export the X-ray again",
+            "corrupt",
+        ) from None
     if not np.isfinite(values).all():
         raise ImageError(
             "the DICOM pixel data contains invalid numbers (NaN or infinity); export the X-ray "

@@ -20,6 +20,7 @@ import pytest
 
 SIZE = 64
 MAX_UPLOAD_MB = 2  # the test server's serve.max_upload_mb: "too large" needs only 3 MB
+BODY_TIMEOUT_S = 4  # the test server's serve.body_timeout_s: a stalled upload is cut off fast
 PARTS = ("elbow", "hand", "shoulder")
 STARTUP_TIMEOUT_S = 420  # TF import + 4 model loads + graph tracing on 2 busy cores
 
@@ -142,7 +143,9 @@ def server(tmp_path_factory, bundle_dir, project_root):
 
     home = tmp_path_factory.mktemp("server")
     params = home / "params.yaml"
-    params.write_text(f"serve:\n  max_upload_mb: {MAX_UPLOAD_MB}\n")
+    params.write_text(
+        f"serve:\n  max_upload_mb: {MAX_UPLOAD_MB}\n  body_timeout_s: {BODY_TIMEOUT_S}\n"
+    )
     port = _free_port()
     log = home / "server.log"
     env = {

@@ -150,7 +150,7 @@ def test_malformed_requests_get_a_clear_4xx(server, good_png):
         headers={"content-type": "image/png"},
         timeout=TIMEOUT,
     )
-    assert_error(raw, 400, "bad_request")
+    assert_error(raw, 415, "not_multipart")
     not_bool = upload(server, "/predict", [("a.png", good_png.read_bytes())], explain="maybe")
     assert "explain" in assert_error(not_bool, 400, "bad_request")
 

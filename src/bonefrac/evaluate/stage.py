@@ -37,6 +37,7 @@ from bonefrac.evaluate import (
     write_submission,
 )
 from bonefrac.models import BODY_PART_MODEL
+from bonefrac.privacy import project_key, pseudonymise_frame
 
 OPERATING_POINT = "operating_point.json"  # threshold, temperature, band: read by serving
 PREDICT_BATCH = 32
@@ -160,7 +161,10 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
         },
     }
     results["end_to_end"] = end_to_end
-    e2e_studies.to_csv(staging / "study_probabilities.csv", index=False)
+    # Logged to MLflow: patient ids pseudonymised (privacy.py); the submission keeps MURA's
+    # format and study paths, which the MURA challenge needs.
+    key = project_key(settings.paths.artifacts)
+    pseudonymise_frame(e2e_studies, key).to_csv(staging / "study_probabilities.csv", index=False)
     write_submission(e2e_studies, staging / "submission.csv", 0.5)
 
     # 4. comparison with the PCA + logistic-regression baseline (the paper's Table V)

@@ -10,42 +10,45 @@ work for binary multipart uploads in BentoML 1.4: it JSON-decodes non-file field
 is not UTF-8, so every image would get a 500.)
 
 Every bad input gets a 4xx JSON `{"error": {"code", "message"}}`, never a 5xx: the API methods
-turn `UserError`s into that shape, and `UploadGuard` (an ASGI middleware) refuses oversized
-bodies before they are read and rewrites BentoML's own request-parsing errors into it.
-Nothing about an upload but an error code is logged; DICOM patient tags are never parsed.
+turn `UserError`s into that shape, and `uploads.FrontDoor` (an ASGI middleware) parses the
+multipart body itself under strict limits before BentoML sees it, replaces client filenames,
+and gives every other error response the same shape. A real fault stays a 5xx with a request
+id. Nothing about an upload but an error code is logged; DICOM patient tags are never parsed.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
-import re
 from collections.abc import Callable
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 
 from bonefrac import DISCLAIMER
 from bonefrac.config import ServeConfig
 from bonefrac.errors import UserError
 from bonefrac.imaging import ImageError
+from bonefrac.serving import uploads
+from bonefrac.serving.uploads import ERROR_HEADER
 
 MODEL_TAG = "bonefrac:latest"
 PARAMS_ENV = "BONEFRAC_PARAMS"  # params.yaml for the serve settings; `bonefrac serve` sets it
-ERROR_HEADER = "x-bonefrac-error"  # marks our own error responses for UploadGuard
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields
-DRAIN_LIMIT = 256 * 1024 * 1024  # read (and drop) at most this much of a refused body
 MAX_BATCH = 16  # adaptive batching's largest batch (and files in one /predict_batch request)
+STATIC_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}  # never the template
+KNOWN_PATHS = frozenset(
+    {"/", "/predict", "/predict_study", "/predict_batch", "/docs", "/docs.json", "/schema.json"}
+    | {"/healthz", "/livez", "/readyz"}
+    | {f"/static/{name}" for name in STATIC_ASSETS}
+)  # /metrics labels: any other path is counted as "/other"
 
 logger = logging.getLogger("bonefrac.serving")
 
@@ -60,6 +63,7 @@ STATUS = {
     "dicom_no_pixels": 422,
     "out_of_distribution": 422,
     "too_many_images": 422,
+    "internal": 500,
 }  # everything else: 400
 
 
@@ -74,10 +78,11 @@ def serve_settings() -> ServeConfig:
 
 
 def error_response(code: str, message: str, status: int | None = None) -> JSONResponse:
-    """The one error shape of this service, marked so UploadGuard passes it through."""
+    """The one error shape of this service, marked so FrontDoor passes it through."""
     status = status or STATUS.get(code, 400)
     body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers={ERROR_HEADER: code})
+    headers = {ERROR_HEADER: code, "x-request-id": uploads.request_id.get()}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def read_upload(path: Path, max_bytes: int) -> bytes:
@@ -101,9 +106,10 @@ def answer(api: str, work: Callable[[], dict]) -> dict | JSONResponse:
         logger.info("%s: rejected (%s)", api, code)  # the code only: messages stay with users
         return error_response(code, str(exc))
     except Exception:
-        logger.exception("%s: internal error", api)
+        rid = uploads.request_id.get()
+        logger.exception("%s: internal error (request %s)", api, rid)  # no payload in it
         return error_response(
-            "internal", "the server failed on this request; it has been logged", 500
+            "internal", f"the server failed on this request (request id {rid})", 500
         )
 
 
@@ -131,178 +137,20 @@ async def index_page(_: Request) -> HTMLResponse:
     return HTMLResponse(page, headers=PAGE_HEADERS)
 
 
+async def static_asset(request: Request) -> Response:
+    """The page's script and style sheet, by name: the page template is not an asset."""
+    name = request.path_params["name"]
+    if name not in STATIC_ASSETS:
+        return error_response("not_found", "there is no such file", 404)
+    return FileResponse(WEB_DIR / name, media_type=STATIC_ASSETS[name], headers=PAGE_HEADERS)
+
+
 web_app = Starlette(
     routes=[
         Route("/", index_page, methods=["GET"]),
-        Mount("/static", StaticFiles(directory=WEB_DIR), name="static"),
+        Route("/static/{name}", static_asset, methods=["GET"]),
     ]
 )
-
-
-# -- refusing oversized bodies, and one error shape for BentoML's own errors --------------------
-
-
-class UploadGuard:
-    """ASGI middleware for the upload APIs.
-
-    1. A body over the route's limit is refused with 413 before the API parses it (declared
-       by Content-Length, or counted while a chunked body streams in); the rest of the body
-       is read and dropped so the client sees the 413 instead of a reset connection.
-    2. A file field sent as plain text is refused with 400 while the form streams in: BentoML
-       would otherwise treat the text as a URL and download it (server-side request forgery).
-    3. Errors BentoML produces before our code runs (a missing or malformed form field: its
-       400 validation error, or a 500 from parsing a form that is not what the API takes) are
-       rewritten to `{"error": {"code", "message"}}` with a 4xx status. Our own errors carry
-       ERROR_HEADER and pass through untouched, as do successful responses.
-    """
-
-    def __init__(self, app, routes: Callable[[], dict[str, tuple[int, str]]]) -> None:
-        self.app = app
-        self._routes = routes  # () -> {path: (body limit in bytes, name of the file field)}
-
-    @cached_property
-    def routes(self) -> dict[str, tuple[int, str]]:
-        return self._routes()  # on the first request, so importing the service reads no file
-
-    async def __call__(self, scope, receive, send) -> None:
-        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        limit, field = route
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await _drain(receive)
-            await _send_error(send, 413, "too_large", _too_large(declared, limit))
-            return
-
-        plain_field = re.compile(
-            rb'content-disposition:[^\r\n]*\bname="?' + re.escape(field.encode()) + rb'"?'
-            rb"(?:;[^\r\n]*)?\r?\n",
-            re.IGNORECASE,
-        )
-        state: dict[str, Any] = {"received": 0, "tail": b"", "refusal": None, "sent": False}
-        held: dict[str, Any] = {"start": None, "body": []}
-
-        async def refuse(message, refusal: tuple[int, str, str]):
-            state["refusal"] = refusal
-            if message.get("more_body", False):
-                await _drain(receive)
-            return {"type": "http.disconnect"}  # the form parser stops here
-
-        async def guarded_receive():
-            if state["refusal"]:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] != "http.request":
-                return message
-            chunk = message.get("body", b"")
-            state["received"] += len(chunk)
-            if state["received"] > limit:
-                text = _too_large(state["received"], limit, at_least=True)
-                return await refuse(message, (413, "too_large", text))
-            window = state["tail"] + chunk
-            if any(b"filename" not in m.group(0).lower() for m in plain_field.finditer(window)):
-                text = f"the '{field}' field must be a file, not text or a URL; " + _HINT
-                return await refuse(message, (400, "not_a_file", text.format(field=field)))
-            state["tail"] = window[-4096:]  # a part header split across two chunks
-            return message
-
-        async def guarded_send(message):
-            if message["type"] == "http.response.start":
-                headers = {k.lower() for k, _ in message.get("headers", [])}
-                if not state["refusal"] and (
-                    message["status"] < 400 or ERROR_HEADER.encode() in headers
-                ):
-                    state["sent"] = True
-                    await send(message)
-                else:
-                    held["start"] = message
-                return
-            if message["type"] == "http.response.body" and held["start"] is not None:
-                held["body"].append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    status = held["start"]["status"]
-                    held["start"], state["sent"] = None, True
-                    refusal = state["refusal"] or _translate(status, b"".join(held["body"]), field)
-                    await _send_error(send, *refusal)
-                return
-            await send(message)
-
-        try:
-            await self.app(scope, guarded_receive, guarded_send)
-        except Exception:
-            if not state["refusal"]:
-                raise
-            # The app saw the disconnect we announced; the refusal below is the answer.
-        if not state["sent"] and state["refusal"]:
-            await _send_error(send, *state["refusal"])
-
-
-def _content_length(scope) -> int | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-async def _drain(receive) -> None:
-    """Read and drop what is left of a refused body (up to DRAIN_LIMIT), in constant memory."""
-    drained = 0
-    while drained <= DRAIN_LIMIT:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-        drained += len(message.get("body", b""))
-
-
-def _too_large(size: int, limit: int, at_least: bool = False) -> str:
-    size_text = "over" if at_least else f"{size / 1e6:.1f} MB, over"
-    return (
-        f"the upload is {size_text} the {limit / 1e6:.1f} MB limit of this endpoint; send a "
-        "smaller export of the X-ray (or fewer images)"
-    )
-
-
-_HINT = "send the X-ray as a multipart/form-data file field named '{field}'"
-
-
-def _translate(status: int, body: bytes, field: str) -> tuple[int, str, str]:
-    """(status, code, message) for an error response that BentoML made."""
-    hint = _HINT.format(field=field)
-    if status in (429, 503, 504):
-        return status, "unavailable", "the server is busy; try again in a minute"
-    try:
-        detail = json.loads(body).get("detail") or []
-    except (ValueError, AttributeError):
-        detail = []
-    if status == 400 and detail:
-        first = detail[0]
-        location = ".".join(str(p) for p in first.get("loc", ()))
-        reason = str(first.get("msg", "invalid value")).rstrip(".")
-        if not location:
-            return 400, "bad_request", f"the request is not a readable form; {hint}"
-        if first.get("type") == "missing" and location.split(".")[0] == field:
-            return 400, "missing_file", f"the request has no '{field}' file; {hint}"
-        return 400, "bad_request", f"the form field '{location}' is invalid ({reason})"
-    # A 500 here came from parsing the request before our code ran (our code answers its own
-    # failures): e.g. a multipart body that does not parse, or an unknown file field.
-    logger.warning("request rejected by BentoML with %s; answered 400", status)
-    return 400, "bad_request", f"the request could not be read; {hint}"
-
-
-async def _send_error(send, status: int, code: str, message: str) -> None:
-    payload = json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        (ERROR_HEADER.encode(), code.encode()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -321,8 +169,12 @@ class BonefracService:
     bundle = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        from bonefrac.serving import bentoml_hooks
         from bonefrac.serving.predictor import Predictor
 
+        bentoml_hooks.bound_endpoint_labels(KNOWN_PATHS)
+        bentoml_hooks.envelope_outer_errors()
+        bentoml_hooks.quiet_refused_uploads()
         stored = self.bundle
         self.settings = serve_settings()
         self.max_bytes = int(self.settings.max_upload_mb * 1_000_000)
@@ -358,7 +210,8 @@ class BonefracService:
     def predict_batch(self, images: list[Path]) -> list[dict]:
         """Independent X-rays, batched across concurrent requests (adaptive batching). Each
         item gets the /predict result or its own `{"error": ...}`; no explain, no override.
-        UploadGuard has bounded the body, and `decode` refuses a file over the size limit."""
+        FrontDoor has bounded the body and the file count; `decode` refuses a file over the size
+        limit and turns any decoding failure into that file's own 4xx error."""
         try:
             return self.predictor.predict_batch_bytes([path.read_bytes() for path in images])
         except Exception:
@@ -367,15 +220,19 @@ class BonefracService:
             return [failed for _ in images]
 
 
-def _limits() -> dict[str, tuple[int, str]]:
+def _routes() -> dict[str, uploads.Route]:
     from bonefrac.serving.predictor import MAX_STUDY_IMAGES
 
-    one = int(serve_settings().max_upload_mb * 1_000_000) + MULTIPART_OVERHEAD
+    cfg = serve_settings()
+    one = int(cfg.max_upload_mb * 1_000_000) + MULTIPART_OVERHEAD
+    options, wait = frozenset({"explain", "allow_ood"}), cfg.body_timeout_s
     return {
-        "/predict": (one, "image"),
-        "/predict_study": (one * MAX_STUDY_IMAGES, "images"),
-        "/predict_batch": (one * MAX_BATCH, "images"),
+        "/predict": uploads.Route(one, "image", 1, options, wait, "too_many_files"),
+        "/predict_study": uploads.Route(
+            one * MAX_STUDY_IMAGES, "images", MAX_STUDY_IMAGES, options, wait
+        ),
+        "/predict_batch": uploads.Route(one * MAX_BATCH, "images", MAX_BATCH, frozenset(), wait),
     }
 
 
-BonefracService.add_asgi_middleware(UploadGuard, routes=_limits)
+BonefracService.add_asgi_middleware(uploads.FrontDoor, routes=_routes)
