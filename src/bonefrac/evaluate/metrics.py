@@ -29,7 +29,9 @@ from sklearn.metrics import (
 
 from bonefrac.errors import DataError
 
-FRACTURE, NO_FRACTURE, UNCERTAIN = "fracture", "no_fracture", "uncertain"
+# Findings are the inference core's, re-exported: one definition, the one the service uses.
+from bonefrac.inference import FRACTURE, NO_FRACTURE, UNCERTAIN, finding, findings  # noqa: F401
+
 # fmt: off
 CI_METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "kappa",
               "auroc", "auprc")
@@ -129,20 +131,6 @@ def choose_threshold(
     else:
         raise ValueError(f"threshold method must be 'youden' or 'sensitivity', not {method!r}")
     return float(min(thresholds[best], 1.0))  # thresholds[0] is inf: "nothing positive"
-
-
-def finding(prob: float, threshold: float, band: float) -> str:
-    """'uncertain' within band of the threshold, else 'fracture' / 'no_fracture'."""
-    if abs(prob - threshold) < band:
-        return UNCERTAIN
-    return FRACTURE if prob >= threshold else NO_FRACTURE
-
-
-def findings(probs: Sequence[float], threshold: float, band: float) -> np.ndarray:
-    """finding() for many probabilities at once."""
-    probs = np.asarray(probs, dtype=float)
-    decided = np.where(probs >= threshold, FRACTURE, NO_FRACTURE)
-    return np.where(np.abs(probs - threshold) < band, UNCERTAIN, decided)
 
 
 # --- body part (multiclass) ------------------------------------------------------------------
