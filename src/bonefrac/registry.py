@@ -10,7 +10,6 @@ recorded on the new version.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -31,15 +30,6 @@ CHAMPION = "champion"
 def registered_name(name: str, settings: Settings) -> str:
     prefix = settings.registry.model_prefix
     return f"{prefix}-body-part" if name == BODY_PART_MODEL else f"{prefix}-fracture-{name}"
-
-
-def test_set_id(frame) -> str:
-    """Identity of a test set: its studies and labels (same id = same test set)."""
-    studies = frame.drop_duplicates("study_id").sort_values("study_id")
-    payload = "\n".join(
-        f"{s},{label}" for s, label in zip(studies["study_id"], studies["label"], strict=True)
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def metric_value(results: dict, name: str, settings: Settings) -> tuple[str, float | None]:
