@@ -4,6 +4,7 @@ gate against scikit-learn's PCA, routing of images and of studies, and study agg
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.special import expit, logit
 from sklearn.decomposition import PCA
@@ -127,3 +128,60 @@ def test_a_study_goes_to_its_mean_part_and_is_the_mean_of_calibrated_probabiliti
         study.model_finding[1],
         inf.UNCERTAIN,  # unsure part
     ]
+
+
+def test_end_to_end_evaluation_scores_each_study_as_the_core_answers_it():
+    from bonefrac.config import EvaluateConfig
+    from bonefrac.evaluate.end_to_end import CachedForward, evaluate_end_to_end
+
+    calls: dict[str, list[int]] = {}
+
+    def counted(table: np.ndarray, name: str):
+        def forward(rows: np.ndarray) -> np.ndarray:
+            calls.setdefault(name, []).extend(np.asarray(rows).tolist())
+            return table[rows]
+
+        return CachedForward(forward, np.arange(len(table)))
+
+    model = inf.TwoStage(
+        classes=PARTS,
+        body_part=counted(BODY, "body_part"),
+        fracture={p: counted(RAW[p], p) for p in PARTS},
+        points=POINTS,
+    )
+    frame = pd.DataFrame(
+        {
+            "path": [f"img{i}" for i in range(4)],
+            "study_id": ["s0", "s0", "s1", "s2"],
+            "study_path": ["a/", "a/", "b/", "c/"],
+            "patient_id": ["p0", "p0", "p1", "p2"],
+            "body_part": ["elbow", "elbow", "shoulder", "hand"],
+            "label": [1, 1, 0, 1],
+        }
+    )
+    ood = np.array([0.2, 0.3, 0.4, 1.5])
+    result = evaluate_end_to_end(
+        model, np.arange(4), frame, ood, EvaluateConfig(bootstrap_samples=50)
+    )
+    for rows in calls.values():  # image and study routing shared each model's outputs
+        assert sorted(rows) == sorted(set(rows))
+
+    groups = np.array([0, 0, 1, 2])
+    study = inf.decide(model, inf.route(model, np.arange(4), groups), ood, groups)
+    studies = result.studies
+    assert list(studies["study_id"]) == ["s0", "s1", "s2"] and list(studies["n_images"]) == [
+        2,
+        1,
+        1,
+    ]
+    np.testing.assert_allclose(studies["prob"], study.prob)
+    assert list(studies["answer"]) == list(study.answers())
+    assert studies["answer"].iloc[2] == inf.REFUSED
+    metrics = result.metrics
+    assert metrics["study"]["n"] == 3 and metrics["image"]["n"] == 4
+    assert metrics["study_answers"][inf.REFUSED] == pytest.approx(1 / 3)
+    decided = studies["answer"].isin([inf.FRACTURE, inf.NO_FRACTURE])
+    assert metrics["study_decided"]["n"] == decided.sum()
+    assert metrics["study_decided"]["coverage"] == pytest.approx(decided.mean())
+    assert metrics["routing_accuracy"] == pytest.approx(0.5)  # images 0 and 2 routed right
+    assert metrics["study_routing_accuracy"] == pytest.approx(2 / 3)  # s0, s1 right; s2 not
