@@ -139,10 +139,19 @@ def untrained_bundle(size: int, out: Path) -> Path:
         keras.backend.clear_session()
     train = sorted((ROOT / "data/MURA-v1.1/train").rglob("*.png"))[:300]
     images = np.stack([preprocess_file(p, settings.preprocess) for p in train])
-    fit(images, PcaConfig()).save(out / "pca.joblib")
+    pca = fit(images, PcaConfig())
+    pca.save(out / "pca.joblib")
     points = {p: {"threshold": 0.5, "temperature": 1.0, "uncertain_band": 0.1} for p in parts}
     versions = {"body_part": {"classes": list(parts), "run_id": f"untrained-{size}px"}}
-    return write_bundle(out / "bundle", settings, files, points, out / "pca.joblib", versions)
+    return write_bundle(
+        out / "bundle",
+        settings,
+        files,
+        points,
+        out / "pca.joblib",
+        versions,
+        ood_gate=pca.ood_gate(),
+    )
 
 
 def mean_batch_size(url: str) -> float | None:

@@ -1,15 +1,22 @@
 """The serving bundle: everything the service needs, in one folder, one BentoML model.
 
     bundle/
-      bundle.json            parts, image size, preprocessing, per-model versions and
+      bundle.json            format, parts, image size, preprocessing, per-model versions and
                              operating points (threshold, temperature, uncertain band),
-                             PCA OOD thresholds, data version, synthetic flag
+                             OOD gate thresholds, data version, synthetic flag
       body_part/model.keras
       <part>/model.keras     one fracture model per part
-      pca.joblib             OOD gate (and drift reference)
+      ood_gate.npz           the PCA out-of-distribution gate as plain arrays (serving)
+      pca.joblib             the fitted PCA: the retraining pipeline's drift reference only;
+                             serving never loads it (it would need scikit-learn and pca.py)
 
-The BentoML model store is the boundary between training and serving: `package` saves the
-bundle there as model `bonefrac`; the service declares it and loads it once.
+This module is the train/serve boundary: packaging writes a bundle, serving reads it, and it
+imports nothing from evaluation, PCA fitting, tracking, the registry or training (the
+import-linter contracts in pyproject.toml check that). The BentoML model store holds it:
+`package` saves the bundle there as model `bonefrac`; the service declares it and loads it once.
+
+Format history: 1 = OOD gate only as pca.joblib, operating points optional (serving fell back
+to threshold 0.5, temperature 1). 2 = ood_gate.npz, operating points required.
 """
 
 from __future__ import annotations
@@ -24,17 +31,26 @@ from bonefrac.bundle_integrity import verify_bundle, write_manifest
 from bonefrac.config import Settings
 from bonefrac.data.mura import body_part_name
 from bonefrac.errors import DataError
+from bonefrac.inference import OodGate, OperatingPoint
 from bonefrac.models import BODY_PART_MODEL
 
 BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
 BENTO_MODEL_NAME = "bonefrac"
+MODEL_FILE = "model.keras"
+OOD_GATE_FILE = "ood_gate.npz"
+DRIFT_REFERENCE_FILE = "pca.joblib"
+OPERATING_POINT_FILE = "operating_point.json"  # per part, in the evaluation folder
+POINT_KEYS = ("threshold", "temperature", "uncertain_band")
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path} not found: run the train and evaluate stages first")
     return json.loads(path.read_text())
+
+
+# -- writing (packaging) --------------------------------------------------------------------------
 
 
 def write_bundle(
@@ -46,14 +62,21 @@ def write_bundle(
     versions: dict[str, dict[str, Any]] | None = None,
     data_version: str = "untracked",
     synthetic: bool = False,
+    ood_gate: OodGate | Path | None = None,
 ) -> Path:
-    """Assemble a bundle folder from model files, operating points and the PCA model."""
-    from bonefrac.pca import PcaModel
-
+    """Assemble a bundle folder from model files, operating points, the OOD gate (default: the
+    one the evaluate stage evaluated with, `evaluation/ood_gate.npz`) and the fitted PCA."""
     parts = [body_part_name(p) for p in settings.data.parts]
     missing = [n for n in (BODY_PART_MODEL, *parts) if n not in model_files]
     if missing:
         raise DataError(f"cannot package: no model for {', '.join(missing)}")
+    unset = [p for p in parts if set(POINT_KEYS) - set(operating_points.get(p, {}))]
+    if unset:
+        raise DataError(
+            f"cannot package: no operating point (threshold, temperature, uncertain band) for "
+            f"{', '.join(unset)}: run the evaluate stage first"
+        )
+    gate = _gate(ood_gate, settings)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -61,10 +84,10 @@ def write_bundle(
     models: dict[str, dict] = {}
     for name, source in model_files.items():
         (out_dir / name).mkdir()
-        shutil.copyfile(source, out_dir / name / "model.keras")
+        shutil.copyfile(source, out_dir / name / MODEL_FILE)
         models[name] = {**(versions or {}).get(name, {}), **operating_points.get(name, {})}
-    shutil.copyfile(pca_path, out_dir / "pca.joblib")
-    pca = PcaModel.load(pca_path)
+    gate.save(out_dir / OOD_GATE_FILE)
+    shutil.copyfile(pca_path, out_dir / DRIFT_REFERENCE_FILE)
     manifest = {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -72,10 +95,11 @@ def write_bundle(
         "image_size": settings.preprocess.image_size,
         "preprocess": settings.preprocess.model_dump(mode="json", exclude={"workers"}),
         "models": models,
-        "pca": {
-            "ood_threshold": pca.ood_threshold,
-            "t2_threshold": pca.t2_threshold,
-            "image_size": pca.image_size,
+        "ood_gate": {
+            "file": OOD_GATE_FILE,
+            "q_threshold": gate.q_threshold,
+            "t2_threshold": gate.t2_threshold,
+            "image_size": gate.image_size,
         },
         "data_version": data_version,
         "synthetic": synthetic,
@@ -85,44 +109,56 @@ def write_bundle(
     return out_dir
 
 
-def bundle_from_artifacts(settings: Settings, out_dir: Path) -> Path:
-    """A bundle from this project's latest trained and evaluated models (artifacts/)."""
-    from bonefrac.data.synthetic import is_synthetic
-    from bonefrac.evaluate.stage import OPERATING_POINT
-    from bonefrac.tracking import data_version_tag
+def _gate(ood_gate: OodGate | Path | None, settings: Settings) -> OodGate:
+    if isinstance(ood_gate, OodGate):
+        return ood_gate
+    path = Path(ood_gate) if ood_gate is not None else settings.layout.evaluation / OOD_GATE_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the evaluate stage first")
+    return OodGate.load(path)
 
-    layout = settings.layout
-    parts = [body_part_name(p) for p in settings.data.parts]
-    names = [BODY_PART_MODEL, *parts]
-    runs = _read_json(layout.models / "runs.json")
-    model_files = {n: layout.models / n / "model.keras" for n in names}
-    for path in model_files.values():
-        if not path.is_file():
-            raise DataError(f"{path} not found: run the train stage first")
-    points = {p: _read_json(layout.evaluation / p / OPERATING_POINT) for p in parts}
-    meta = {n: _read_json(layout.models / n / "meta.json") for n in names}
-    versions = {n: {"run_id": runs.get(n), "classes": meta[n]["classes"]} for n in names}
-    return write_bundle(
-        out_dir,
-        settings,
-        model_files,
-        points,
-        layout.pca / "pca.joblib",
-        versions,
-        data_version_tag(settings),
-        is_synthetic(settings.paths.data),
-    )
+
+# -- reading (serving) ----------------------------------------------------------------------------
 
 
 def read_bundle(path: Path) -> dict:
     """bundle.json of a bundle folder, checked for the format this code reads."""
-    manifest = _read_json(Path(path) / BUNDLE_FILE)
-    if manifest.get("format") != BUNDLE_FORMAT:
+    path = Path(path)
+    file = path / BUNDLE_FILE
+    if not file.is_file():
+        raise DataError(f"{path} is not a bonefrac bundle (no {BUNDLE_FILE}): package the models")
+    manifest = json.loads(file.read_text())
+    found = manifest.get("format")
+    if found == 1:
         raise DataError(
-            f"{path} has bundle format {manifest.get('format')}, expected "
-            f"{BUNDLE_FORMAT}: package the models again"
+            f"{path} is a format-1 bundle from an older bonefrac (its OOD gate is a pickled "
+            "scikit-learn PCA, which serving no longer loads): package the models again with "
+            "this version (`bonefrac pipeline`)"
+        )
+    if found != BUNDLE_FORMAT:
+        raise DataError(
+            f"{path} has bundle format {found}, but this bonefrac reads format {BUNDLE_FORMAT}: "
+            "serve it with the bonefrac version that packaged it, or package the models again"
         )
     return manifest
+
+
+def operating_points(manifest: dict) -> dict[str, OperatingPoint]:
+    """Each part's operating point, as evaluated; a bundle without one is refused."""
+    points = {}
+    for part in manifest["parts"]:
+        meta = manifest["models"].get(part, {})
+        if set(POINT_KEYS) - set(meta):
+            raise DataError(f"the bundle has no operating point for {part}: package it again")
+        points[part] = OperatingPoint.from_dict(meta)
+    return points
+
+
+def load_ood_gate(path: Path) -> OodGate:
+    file = Path(path) / OOD_GATE_FILE
+    if not file.is_file():
+        raise DataError(f"{file} not found: package the models again")
+    return OodGate.load(file)
 
 
 def save_to_bentoml(
@@ -135,6 +171,7 @@ def save_to_bentoml(
     manifest = read_bundle(bundle_dir)
     verify_bundle(bundle_dir, manifest, parts)
     metadata = {
+        "format": manifest["format"],
         "parts": manifest["parts"],
         "image_size": manifest["image_size"],
         "data_version": manifest["data_version"],

@@ -224,6 +224,35 @@ def preprocess_file(path: Path, cfg: PreprocessConfig, **limits: Unpack[Limits])
     return preprocess(load_file(path, **limits), cfg)
 
 
+HISTOGRAM_BINS = 16
+
+
+def downsample(images: np.ndarray, size: int, batch: int = 1024) -> np.ndarray:
+    """The PCA descriptor of preprocessed images (PCA fitting and the serving OOD gate):
+    (N, S, S) or (N, S, S, 3) uint8 -> (N, size*size + 16) float32.
+
+    The downsampled intensities in [0, 1], plus the full-resolution intensity histogram
+    (weighted to count like the pixels): downsampling alone turns noise or a page of text
+    into a plausible blurry grey, while the histogram keeps what makes a radiograph one
+    (dark background, bright bone) visible to PCA.
+    """
+    weight = np.sqrt(size * size / HISTOGRAM_BINS)
+    out = np.empty((len(images), size * size + HISTOGRAM_BINS), dtype=np.float32)
+    for start in range(0, len(images), batch):
+        block = np.asarray(images[start : start + batch])
+        if block.ndim == 4:
+            block = block[..., 0]
+        for i, image in enumerate(block):
+            small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            histogram = (
+                np.bincount(image.reshape(-1) // (256 // HISTOGRAM_BINS), minlength=HISTOGRAM_BINS)
+                / image.size
+            )
+            out[start + i, : size * size] = small.reshape(-1).astype(np.float32) / 255.0
+            out[start + i, size * size :] = weight * np.sqrt(histogram)
+    return out
+
+
 def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
     """The paper's normalised 2-D Gaussian: exp(-(x²+y²)/(2σ²)) / (2πσ²) on a K x K grid.
 

@@ -15,7 +15,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import joblib
 import numpy as np
 import pandas as pd
@@ -29,36 +28,10 @@ from sklearn.preprocessing import StandardScaler
 from bonefrac.cache import Cache
 from bonefrac.config import PcaConfig
 from bonefrac.errors import DataError
+from bonefrac.imaging import downsample  # the OOD descriptor, shared with serving
+from bonefrac.inference import OodGate
 
 DRIFT_COMPONENTS = 10
-
-
-HISTOGRAM_BINS = 16
-
-
-def downsample(images: np.ndarray, size: int, batch: int = 1024) -> np.ndarray:
-    """(N, S, S) or (N, S, S, 3) uint8 -> (N, size*size + 16) float32 descriptors.
-
-    The downsampled intensities in [0, 1], plus the full-resolution intensity histogram
-    (weighted to count like the pixels): downsampling alone turns noise or a page of text
-    into a plausible blurry grey, while the histogram keeps what makes a radiograph one
-    (dark background, bright bone) visible to PCA.
-    """
-    weight = np.sqrt(size * size / HISTOGRAM_BINS)
-    out = np.empty((len(images), size * size + HISTOGRAM_BINS), dtype=np.float32)
-    for start in range(0, len(images), batch):
-        block = np.asarray(images[start : start + batch])
-        if block.ndim == 4:
-            block = block[..., 0]
-        for i, image in enumerate(block):
-            small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            histogram = (
-                np.bincount(image.reshape(-1) // (256 // HISTOGRAM_BINS), minlength=HISTOGRAM_BINS)
-                / image.size
-            )
-            out[start + i, : size * size] = small.reshape(-1).astype(np.float32) / 255.0
-            out[start + i, size * size :] = weight * np.sqrt(histogram)
-    return out
 
 
 @dataclass
@@ -88,9 +61,18 @@ class PcaModel:
         Q (reconstruction error) catches pictures unlike any radiograph; T² catches the right
         ingredients in extreme amounts. Both thresholds come from held-out training images.
         """
-        flat = downsample(images, self.image_size)
-        return np.maximum(
-            _errors(self.pca, flat) / self.ood_threshold, _t2(self.pca, flat) / self.t2_threshold
+        return self.ood_gate().scores(downsample(images, self.image_size))
+
+    def ood_gate(self) -> OodGate:
+        """The OOD gate as plain arrays: what the bundle carries and serving scores with, so
+        serving never loads scikit-learn or this module."""
+        return OodGate(
+            mean=np.asarray(self.pca.mean_, dtype=np.float64),
+            components=np.asarray(self.pca.components_, dtype=np.float64),
+            explained_variance=np.asarray(self.pca.explained_variance_, dtype=np.float64),
+            q_threshold=self.ood_threshold,
+            t2_threshold=self.t2_threshold,
+            image_size=self.image_size,
         )
 
     def save(self, path: Path) -> None:

@@ -12,7 +12,6 @@ failure stops the task and promotes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 
@@ -36,15 +35,6 @@ class RegistryError(UserError):
 def registered_name(name: str, settings: Settings) -> str:
     prefix = settings.registry.model_prefix
     return f"{prefix}-body-part" if name == BODY_PART_MODEL else f"{prefix}-fracture-{name}"
-
-
-def test_set_id(frame) -> str:
-    """Identity of a test set: its studies and labels (same id = same test set)."""
-    studies = frame.drop_duplicates("study_id").sort_values("study_id")
-    payload = "\n".join(
-        f"{s},{label}" for s, label in zip(studies["study_id"], studies["label"], strict=True)
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def registry_client(settings: Settings):

@@ -207,7 +207,7 @@ STAGES: tuple[Stage, ...] = (
         outs=("evaluation",),
         metrics=("metrics/evaluate.json",),
         plots=("plots/roc_{part}.csv",),
-        code=("src/bonefrac/evaluate",),
+        code=("src/bonefrac/evaluate", "src/bonefrac/inference.py"),
     ),
 )
 

@@ -22,6 +22,15 @@ SIZE = 64
 MAX_UPLOAD_MB = 2  # the test server's serve.max_upload_mb: "too large" needs only 3 MB
 BODY_TIMEOUT_S = 4  # the test server's serve.body_timeout_s: a stalled upload is cut off fast
 PARTS = ("elbow", "hand", "shoulder")
+# A different, non-trivial operating point per part (temperature != 1, threshold != 0.5,
+# band > 0): a service that ignored the bundle's operating point, or used another part's,
+# would answer differently. The models are untrained, so outputs sit near their own biases;
+# the tests recompute every served number from the raw model outputs.
+OPERATING_POINTS = {
+    "elbow": {"threshold": 0.41, "temperature": 1.7, "uncertain_band": 0.03},
+    "hand": {"threshold": 0.58, "temperature": 0.6, "uncertain_band": 0.05},
+    "shoulder": {"threshold": 0.47, "temperature": 2.4, "uncertain_band": 0.02},
+}
 STARTUP_TIMEOUT_S = 420  # TF import + 4 model loads + graph tracing on 2 busy cores
 
 
@@ -65,12 +74,19 @@ def bundle_dir(tmp_path_factory, synthetic_root, quick_settings) -> Path:
 
     train = sorted((synthetic_root / "train").rglob("*.png"))
     images = np.stack([preprocess_file(p, quick_settings.preprocess) for p in train])
-    fit(images, quick_settings.pca).save(work / "pca.joblib")
-    points = {p: {"threshold": 0.5, "temperature": 1.0, "uncertain_band": 0.1} for p in PARTS}
+    pca = fit(images, quick_settings.pca)
+    pca.save(work / "pca.joblib")
     versions = {"body_part": {"classes": list(PARTS), "run_id": "test-run"}}
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     return write_bundle(
-        out, quick_settings, files, points, work / "pca.joblib", versions, synthetic=True
+        out,
+        quick_settings,
+        files,
+        OPERATING_POINTS,
+        work / "pca.joblib",
+        versions,
+        synthetic=True,
+        ood_gate=pca.ood_gate(),
     )
 
 
@@ -99,7 +115,7 @@ def good_png(predictor, valid_pngs) -> Path:
     """The valid image the OOD gate likes best, so tests of the happy path never depend on
     where a held-out image falls against a threshold fitted on a few dozen images."""
     candidates = [p for paths in valid_pngs.values() for p in paths[:4]]
-    scores = predictor.pca.ood_score(
+    scores = predictor.ood_scores(
         np.stack([predictor.preprocess(p.read_bytes()) for p in candidates])
     )
     return candidates[int(np.argmin(scores))]
@@ -109,9 +125,7 @@ def good_png(predictor, valid_pngs) -> Path:
 def study_pngs(predictor, valid_pngs) -> list[Path]:
     """Three in-distribution images of one part: a study."""
     paths = valid_pngs["hand"][:8]
-    scores = predictor.pca.ood_score(
-        np.stack([predictor.preprocess(p.read_bytes()) for p in paths])
-    )
+    scores = predictor.ood_scores(np.stack([predictor.preprocess(p.read_bytes()) for p in paths]))
     return [paths[i] for i in np.argsort(scores)[:3]]
 
 

@@ -1,4 +1,5 @@
-"""Calibration: temperature scaling of probabilities and the expected calibration error."""
+"""Calibration: fitting the temperature, and the expected calibration error. Applying it is
+the inference core's `apply_temperature`, the function serving uses."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, logit
+from scipy.special import logit
 
 from bonefrac.evaluate.metrics import _two_classes
+from bonefrac.inference import apply_temperature as apply_temperature  # as served: one definition
 
 _EPS = 1e-7  # keeps logit() finite for probabilities saturated at 0 or 1
 
@@ -33,10 +35,6 @@ def fit_temperature(
 
     result = minimize_scalar(nll, bounds=np.log(bounds), method="bounded")
     return float(np.exp(result.x))
-
-
-def apply_temperature(probs: Sequence[float], temperature: float) -> np.ndarray:
-    return expit(_logits(probs) / temperature)
 
 
 def expected_calibration_error(

@@ -29,7 +29,9 @@ from sklearn.metrics import (
 
 from bonefrac.errors import DataError
 
-FRACTURE, NO_FRACTURE, UNCERTAIN = "fracture", "no_fracture", "uncertain"
+# Findings are the inference core's, re-exported: one definition, the one the service uses.
+from bonefrac.inference import FRACTURE, NO_FRACTURE, UNCERTAIN, finding, findings  # noqa: F401
+
 # fmt: off
 CI_METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "kappa",
               "auroc", "auprc")
@@ -160,20 +162,6 @@ def operating_point_problem(labels: Sequence[int], probs: Sequence[float], thres
         called = "abnormal" if positive.all() else "normal"
         return f"at threshold {threshold:.3g} every val study is called {called}"
     return None
-
-
-def finding(prob: float, threshold: float, band: float) -> str:
-    """'uncertain' within band of the threshold, else 'fracture' / 'no_fracture'."""
-    if abs(prob - threshold) < band:
-        return UNCERTAIN
-    return FRACTURE if prob >= threshold else NO_FRACTURE
-
-
-def findings(probs: Sequence[float], threshold: float, band: float) -> np.ndarray:
-    """finding() for many probabilities at once."""
-    probs = np.asarray(probs, dtype=float)
-    decided = np.where(probs >= threshold, FRACTURE, NO_FRACTURE)
-    return np.where(np.abs(probs - threshold) < band, UNCERTAIN, decided)
 
 
 # --- body part (multiclass) ------------------------------------------------------------------

@@ -1,28 +1,32 @@
 """The evaluate stage: every trained model on the test split (MURA valid), and end to end.
 
-Writes `evaluation/` (reports, plots, submission, operating points for serving),
+The end-to-end numbers, the study probabilities and the MURA submission come from the
+inference core the service runs (`evaluate.end_to_end`), over the test split, with the OOD
+gate the bundle will carry. Writes `evaluation/` (reports, plots, submission, operating
+points and the OOD gate for serving),
 `metrics/evaluate.json` for `dvc metrics show`, ROC points for `dvc plots`, and logs all of
 it to the training runs in MLflow (each model's nested run, the pipeline's parent run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bonefrac.bundle import OOD_GATE_FILE
+from bonefrac.bundle import OPERATING_POINT_FILE as OPERATING_POINT
 from bonefrac.cache import Cache, load_cache
 from bonefrac.config import Settings
 from bonefrac.data.mura import body_part_name
 from bonefrac.evaluate import (
-    apply_temperature,
-    binary_metrics,
-    bootstrap_ci,
     classification_report_text,
     comparison_table,
     confusion_matrix_plot,
@@ -33,13 +37,13 @@ from bonefrac.evaluate import (
     reliability_plot,
     roc_curve_plot,
     roc_points,
-    study_level,
     write_submission,
 )
+from bonefrac.evaluate.end_to_end import CachedForward, evaluate_end_to_end, ood_scores
+from bonefrac.inference import OperatingPoint, TwoStage
 from bonefrac.models import BODY_PART_MODEL
 from bonefrac.privacy import project_key, pseudonymise_frame
 
-OPERATING_POINT = "operating_point.json"  # threshold, temperature, band: read by serving
 PREDICT_BATCH = 32
 
 
@@ -73,15 +77,6 @@ def _frame(cache: Cache, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-def _aligned(prob: np.ndarray, threshold: np.ndarray) -> np.ndarray:
-    """Map each part's threshold to 0.5, keeping order within a part, so images routed to
-    different fracture models can be pooled and judged at one cut (logit(p) - logit(t))."""
-    eps = 1e-6
-    p = np.clip(prob, eps, 1 - eps)
-    t = np.clip(threshold, eps, 1 - eps)
-    return 1 / (1 + np.exp(-(np.log(p / (1 - p)) - np.log(t / (1 - t)))))
-
-
 @dataclass(frozen=True)
 class EvaluationSummary:
     out_dir: Path
@@ -104,9 +99,13 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
     eval_rows = np.concatenate([cache.rows(split="val"), cache.rows(split="test")])
     test_mask = cache.index["split"].to_numpy()[eval_rows] == "test"
 
-    # 1. body part: which fracture model each image goes to
-    body_model = _load(layout.models, BODY_PART_MODEL)
-    body_probs = predict(body_model, cache.images[eval_rows])
+    # 1. body part: which fracture model each image goes to (outputs are computed once per
+    #    model and image, and shared with the end-to-end run in step 3)
+    forward = {
+        name: CachedForward(partial(predict, _load(layout.models, name)), cache.images)
+        for name in (BODY_PART_MODEL, *parts)
+    }
+    body_probs = forward[BODY_PART_MODEL](eval_rows)
     predicted_part = np.array(parts)[body_probs.argmax(axis=1)]
     true_part = cache.index["body_part"].to_numpy()[eval_rows]
     body_dir = staging / BODY_PART_MODEL
@@ -122,14 +121,10 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
 
     # 2. each fracture model on its own part (val picks threshold/temperature, test measures)
     evaluations = {}
-    routed_prob = np.full(len(eval_rows), np.nan)
-    routed_threshold = np.full(len(eval_rows), np.nan)
     for part in parts:
-        model = _load(layout.models, part)
         own = true_part == part
-        needed = own | (predicted_part == part)
         probs = np.full(len(eval_rows), np.nan)
-        probs[needed] = predict(model, cache.images[eval_rows[needed]])[:, 0]
+        probs[own] = forward[part](eval_rows[own])[:, 0]
         own_val, own_test = own & ~test_mask, own & test_mask
         evaluation = evaluate_binary(
             _frame(cache, eval_rows[own_val], probs[own_val]),
@@ -137,35 +132,40 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
             cfg,
         )
         evaluations[part] = evaluation
-        routed = predicted_part == part
-        routed_prob[routed] = apply_temperature(probs[routed], evaluation.temperature)
-        routed_threshold[routed] = evaluation.threshold
         results[part] = evaluation.to_dict()
         _fracture_reports(part, evaluation, staging / part, layout.plots, settings, synthetic)
 
-    # 3. two-stage end to end on test: routing errors included, as users get it
-    e2e = _frame(
-        cache, eval_rows[test_mask], _aligned(routed_prob[test_mask], routed_threshold[test_mask])
-    )
-    e2e["predicted_part"] = predicted_part[test_mask]
-    e2e_studies = study_level(e2e)
-    end_to_end = {
-        "routing_accuracy": float((e2e["predicted_part"] == e2e["body_part"]).mean()),
-        "image": binary_metrics(e2e["label"], e2e["prob"], 0.5),
-        "study": binary_metrics(e2e_studies["label"], e2e_studies["prob"], 0.5),
-        "study_ci": {
-            k: (list(v) if v else None)
-            for k, v in bootstrap_ci(
-                e2e, 0.5, cfg.bootstrap_samples, cfg.seed, level="study"
-            ).items()
+    # 3. two-stage end to end on test, by the service's inference core: routing errors, the
+    #    uncertain band, unsure body parts and the OOD gate included, as users get it
+    from bonefrac.pca import PcaModel
+
+    gate = PcaModel.load(layout.pca / "pca.joblib").ood_gate()
+    gate.save(staging / OOD_GATE_FILE)  # packaging puts exactly this gate in the bundle
+    test_rows = cache.rows(split="test")
+    served = TwoStage(
+        classes=tuple(parts),
+        body_part=forward[BODY_PART_MODEL],
+        fracture={p: forward[p] for p in parts},
+        points={
+            p: OperatingPoint(e.threshold, e.temperature, e.uncertain_band)
+            for p, e in evaluations.items()
         },
-    }
+    )
+    e2e = evaluate_end_to_end(
+        served,
+        test_rows,  # row indices: CachedForward looks the images up
+        cache.index.iloc[test_rows],
+        ood_scores(gate, cache.images[test_rows]),
+        cfg,
+        ood_gate=True,  # the service's default (serve.ood_gate); off, "refused" reads "uncertain"
+    )
+    end_to_end = e2e.metrics
     results["end_to_end"] = end_to_end
     # Logged to MLflow: patient ids pseudonymised (privacy.py); the submission keeps MURA's
     # format and study paths, which the MURA challenge needs.
     key = project_key(settings.paths.artifacts)
-    pseudonymise_frame(e2e_studies, key).to_csv(staging / "study_probabilities.csv", index=False)
-    write_submission(e2e_studies, staging / "submission.csv", 0.5)
+    pseudonymise_frame(e2e.studies, key).to_csv(staging / "study_probabilities.csv", index=False)
+    write_submission(e2e.studies, staging / "submission.csv", e2e.studies["threshold"].to_numpy())
 
     # 4. comparison with the PCA + logistic-regression baseline (the paper's Table V)
     rows = [
@@ -188,8 +188,6 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
     (staging / "comparison.md").write_text(table + "\n")
     results["comparison"] = rows
 
-    from bonefrac.registry import test_set_id
-
     results["test_set"] = test_set_id(cache.index.iloc[cache.rows(split="test")])
     metrics = _headline(results, parts, synthetic)
     (staging / "metrics.json").write_text(json.dumps(results, indent=2, default=_json) + "\n")
@@ -200,6 +198,16 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
     os.replace(staging, layout.evaluation)
     _log_to_mlflow(settings, runs, results, parts, tracking)
     return EvaluationSummary(layout.evaluation, metrics)
+
+
+def test_set_id(frame: pd.DataFrame) -> str:
+    """Identity of a test set: its studies and labels (same id = same test set). The registry
+    compares champions on metrics recorded with the same id."""
+    studies = frame.drop_duplicates("study_id").sort_values("study_id")
+    payload = "\n".join(
+        f"{s},{label}" for s, label in zip(studies["study_id"], studies["label"], strict=True)
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _json(value):
@@ -273,6 +281,10 @@ def _headline(results: dict, parts: list[str], synthetic: bool) -> dict:
         "body_part_kappa": results[BODY_PART_MODEL]["kappa"],
         "end_to_end_study_kappa": results["end_to_end"]["study"]["kappa"],
         "end_to_end_study_auroc": results["end_to_end"]["study"]["auroc"],
+        "end_to_end_study_decided_kappa": results["end_to_end"]["study_decided"]["kappa"],
+        "end_to_end_study_coverage": results["end_to_end"]["study_decided"]["coverage"],
+        "end_to_end_study_uncertain_share": results["end_to_end"]["study_answers"]["uncertain"],
+        "end_to_end_study_refused_share": results["end_to_end"]["study_answers"]["refused"],
         "routing_accuracy": results["end_to_end"]["routing_accuracy"],
     }
     for part in parts:

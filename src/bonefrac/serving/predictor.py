@@ -2,12 +2,13 @@
 the tests all call.
 
 An upload is decoded and preprocessed by `imaging.preprocess_bytes` (the function training
-used, invariant 1), scored by the PCA out-of-distribution gate, classified by the body-part
-ResNet50 and then by that part's fracture ResNet50. The fracture probability is calibrated
-with the temperature fitted at evaluation and judged at the evaluated threshold, so the
-service says what the evaluation measured. Study results average the images' calibrated
-probabilities (MURA protocol, invariant 3). Models are called through `tf.function`, not
-`model.predict`, whose per-call overhead doubles single-image latency.
+used, invariant 1); everything after that is the inference core (`bonefrac.inference`): the
+PCA out-of-distribution score, the body-part ResNet50, routing to a part's fracture ResNet50,
+the temperature fitted at evaluation, the study mean (MURA protocol, invariant 3) and the
+finding at the evaluated threshold and uncertain band. The evaluate stage runs the same core
+over the test split, so the service says what the evaluation measured. This module only
+loads the bundle, runs the models and writes the response JSON. Models are called through
+`tf.function`, not `model.predict`, whose per-call overhead doubles single-image latency.
 
 Every response carries the disclaimer (invariant 8) and says whether the models were trained
 on synthetic data. Nothing from a DICOM header but pixels is ever read (see `imaging`).
@@ -17,25 +18,29 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bonefrac import DISCLAIMER
-from bonefrac.bundle import read_bundle
+from bonefrac.bundle import BUNDLE_FORMAT, MODEL_FILE, load_ood_gate, operating_points, read_bundle
 from bonefrac.config import PreprocessConfig, ServeConfig
 from bonefrac.errors import DataError, UserError
-from bonefrac.evaluate.calibration import apply_temperature
-from bonefrac.evaluate.metrics import UNCERTAIN, finding
-from bonefrac.imaging import ImageError, preprocess_bytes
+from bonefrac.imaging import ImageError, downsample, preprocess_bytes
+from bonefrac.inference import (
+    BODY_PART_MIN_CONFIDENCE,
+    OOD_LIMIT,
+    Decisions,
+    OodGate,
+    TwoStage,
+    decide,
+    route,
+)
 from bonefrac.models import BODY_PART_MODEL
-from bonefrac.pca import PcaModel
 from bonefrac.recommend import recommend
 
-OOD_LIMIT = 1.0  # PcaModel.ood_score above this = unlike the training radiographs
-BODY_PART_MIN_CONFIDENCE = 0.5  # below: the part (and so the fracture model) is a guess
+API_VERSION = "2"  # the response schema; every response carries it as `api_version`
 MAX_STUDY_IMAGES = 8
 VERSION_KEYS = ("run_id", "version", "registered_name")  # what identifies a model in responses
 SYNTHETIC_NOTICE = (
@@ -65,24 +70,15 @@ class OutOfDistribution(PredictionError):
         self.score = score
 
 
-@dataclass(frozen=True)
-class _Scored:
-    """The numbers one response is built from, for N images routed to one or more parts."""
-
-    body_probs: np.ndarray  # (N, P) softmax over Predictor.classes
-    parts: list[str]  # (N,) the fracture model each image went to
-    raw_probs: np.ndarray  # (N,) fracture model outputs
-    probs: np.ndarray  # (N,) calibrated with that part's temperature
-    ood_scores: np.ndarray  # (N,)
-
-
-def _compiled(model, size: int) -> Callable[[np.ndarray], Any]:
-    """The model's forward pass as a graph with one signature for every batch size, so a new
-    batch size never retraces."""
+def _compiled(model, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's forward pass on (N, S, S, 3) uint8 model inputs, as a graph with one
+    signature for every batch size, so a new batch size never retraces."""
     import tensorflow as tf
 
     spec = tf.TensorSpec((None, size, size, 3), tf.float32)
-    return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+    graph = tf.function(lambda images: model(images, training=False), input_signature=[spec])
+    # the models take 0..255 and normalise themselves
+    return lambda images: np.asarray(graph(np.asarray(images, dtype=np.float32)))
 
 
 class Predictor:
@@ -92,13 +88,13 @@ class Predictor:
         self,
         manifest: dict,
         models: dict[str, Any],
-        pca: PcaModel,
+        gate: OodGate,
         serve: ServeConfig,
         source: str,
     ) -> None:
         self.manifest = manifest
         self.serve = serve
-        self.pca = pca
+        self.gate = gate
         self.preprocess_cfg = PreprocessConfig(**manifest["preprocess"])
         self.size = self.preprocess_cfg.image_size
         self.parts: list[str] = list(manifest["parts"])
@@ -108,11 +104,18 @@ class Predictor:
         if missing:
             raise DataError(f"the bundle has no fracture model for {', '.join(missing)}")
         self._keras = models
-        self._forward = {name: _compiled(m, self.size) for name, m in models.items()}
+        forward = {name: _compiled(m, self.size) for name, m in models.items()}
+        self.core = TwoStage(
+            classes=tuple(self.classes),
+            body_part=forward[BODY_PART_MODEL],
+            fracture={part: forward[part] for part in self.classes},
+            points=operating_points(manifest),
+        )
         self._gradcams: dict[str, Any] = {}
         self.synthetic = bool(manifest.get("synthetic", False))
         self.versions = {
             "bundle": source,
+            "bundle_format": manifest.get("format", BUNDLE_FORMAT),
             "created": manifest.get("created"),
             "data_version": manifest.get("data_version"),
             "models": {
@@ -139,14 +142,14 @@ class Predictor:
         names = [BODY_PART_MODEL, *manifest["parts"]]
         models = {}
         for name in names:
-            file = path / name / "model.keras"
+            file = path / name / MODEL_FILE
             if not file.is_file():
                 raise DataError(f"{file} not found: package the models again")
             models[name] = keras.models.load_model(file, compile=False)
         predictor = cls(
             manifest,
             models,
-            PcaModel.load(path / "pca.joblib"),
+            load_ood_gate(path),
             serve or ServeConfig(),
             source or path.name,
         )
@@ -157,11 +160,11 @@ class Predictor:
     def warm_up(self) -> None:
         """Trace each model's graph (and Grad-CAM's) on a blank image: seconds each at start-up
         instead of on the first requests."""
-        blank = np.zeros((1, self.size, self.size, 3), np.float32)
-        for name, forward in self._forward.items():
+        blank = np.zeros((1, self.size, self.size, 3), np.uint8)
+        self.core.body_part(blank)
+        for name, forward in self.core.fracture.items():
             forward(blank)
-            if name != BODY_PART_MODEL:
-                self._gradcam(name).heatmaps(blank)
+            self._gradcam(name).heatmaps(blank.astype(np.float32))
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -193,15 +196,13 @@ class Predictor:
         recommendation, quality, optional Grad-CAM heatmap. Raises OutOfDistribution when the
         image fails the OOD gate and `allow_ood` is not set."""
         images = image[None]
-        ood = self._ood(images)
+        ood = self.ood_scores(images)
         self._gate(ood, allow_ood)
-        scored = self._score(images, ood)
-        result = self._image_result(scored, 0)
-        result["recommendation"] = self._recommendation(
-            scored.parts[0], result["fracture"], result["quality"]["accepted"]
-        )
+        decisions = decide(self.core, route(self.core, images), ood)
+        result = self._result(decisions, 0)
+        result["recommendation"] = self._recommendation(result)
         if explain:
-            result.update(self._explain(scored.parts[0], images)[0])
+            result.update(self._explain(str(decisions.part[0]), images)[0])
         return self._envelope(result, "image")
 
     def predict_study(
@@ -224,38 +225,27 @@ class Predictor:
                 images.append(self.preprocess(data))
             except ImageError as exc:
                 raise ImageError(f"image {i} of {len(files)}: {exc}", exc.code) from None
-        batch = np.stack(images)
-        ood = self._ood(batch)
-        for i, score in enumerate(ood, start=1):
-            self._gate(np.array([score]), allow_ood, where=f"image {i} of {len(files)}")
-        body_probs = np.asarray(self._forward[BODY_PART_MODEL](batch.astype(np.float32)))
-        study_part = self.classes[int(body_probs.mean(axis=0).argmax())]
-        scored = self._score(batch, ood, body_probs=body_probs, part=study_part)
+        return self.predict_study_images(np.stack(images), explain=explain, allow_ood=allow_ood)
 
-        per_image = [self._image_result(scored, i) for i in range(len(batch))]
+    def predict_study_images(
+        self, batch: np.ndarray, *, explain: bool = False, allow_ood: bool = False
+    ) -> dict:
+        """`predict_study` on (N, S, S, 3) preprocessed images."""
+        ood = self.ood_scores(batch)
+        for i, score in enumerate(ood, start=1):
+            self._gate(np.array([score]), allow_ood, where=f"image {i} of {len(batch)}")
+        one_study = np.zeros(len(batch), dtype=int)
+        routed = route(self.core, batch, one_study)  # every image to the study's part
+        study = decide(self.core, routed, ood, one_study)
+        per_image = decide(self.core, routed, ood)
+        images = [self._result(per_image, i) | {"index": i} for i in range(len(batch))]
         if explain:
-            for result, extra in zip(per_image, self._explain(study_part, batch), strict=True):
+            for result, extra in zip(images, self._explain(str(study.part[0]), batch), strict=True):
                 result.update(extra)
-        for i, result in enumerate(per_image):
-            result["index"] = i
-        accepted = bool((ood <= OOD_LIMIT).all())
-        study_body = body_probs.mean(axis=0)
-        fracture = self._fracture(
-            study_part,
-            float(scored.probs.mean()),
-            float(scored.raw_probs.mean()),
-            forced_uncertain=not accepted or study_body.max() < BODY_PART_MIN_CONFIDENCE,
-        )
-        result = {
-            "body_part": self._body_part(study_body),
-            "fracture": fracture,
-            "quality": _quality(float(ood.max()), accepted),
-            "n_images": len(batch),
-            "recommendation": self._recommendation(
-                study_part, fracture, accepted, study_images=len(batch)
-            ),
-            "images": per_image,
-        }
+        result = self._result(study, 0)
+        result["n_images"] = len(batch)
+        result["recommendation"] = self._recommendation(result, study_images=len(batch))
+        result["images"] = images
         return self._envelope(result, "study")
 
     def predict_batch(self, images: Sequence[np.ndarray], *, allow_ood: bool = False) -> list[dict]:
@@ -265,16 +255,14 @@ class Predictor:
         if not len(images):
             return []
         batch = np.stack(images)
-        ood = self._ood(batch)
+        ood = self.ood_scores(batch)
         keep = np.flatnonzero((ood <= OOD_LIMIT) | allow_ood | (not self.serve.ood_gate))
         out: list[dict] = [error_body(OutOfDistribution(float(s))) for s in ood]
         if len(keep):
-            scored = self._score(batch[keep], ood[keep])
+            decisions = decide(self.core, route(self.core, batch[keep]), ood[keep])
             for j, i in enumerate(keep):
-                result = self._image_result(scored, j)
-                result["recommendation"] = self._recommendation(
-                    scored.parts[j], result["fracture"], result["quality"]["accepted"]
-                )
+                result = self._result(decisions, j)
+                result["recommendation"] = self._recommendation(result)
                 out[i] = self._envelope(result, "image")
         return out
 
@@ -293,46 +281,35 @@ class Predictor:
             out[i] = result
         return [r for r in out if r is not None]
 
-    # -- the two stages -----------------------------------------------------------------------
-
-    def _ood(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self.pca.ood_score(images), dtype=float)
+    def ood_scores(self, images: np.ndarray) -> np.ndarray:
+        """(N,) PCA out-of-distribution scores of preprocessed images; > 1 = unlike training."""
+        return self.gate.scores(downsample(images, self.gate.image_size))
 
     def _gate(self, ood: np.ndarray, allow_ood: bool, where: str = "the image") -> None:
         if self.serve.ood_gate and not allow_ood and float(ood.max()) > OOD_LIMIT:
             raise OutOfDistribution(float(ood.max()), where)
 
-    def _score(
-        self,
-        images: np.ndarray,
-        ood: np.ndarray,
-        *,
-        body_probs: np.ndarray | None = None,
-        part: str | None = None,
-    ) -> _Scored:
-        """Both stages on (N, S, S, 3) uint8: each image goes to its own most likely part's
-        fracture model, or every image to `part` (a study)."""
-        inputs = images.astype(np.float32)  # models take 0..255 and normalise themselves
-        if body_probs is None:
-            body_probs = np.asarray(self._forward[BODY_PART_MODEL](inputs))  # (N, P)
-        parts = [part] * len(images) if part else [self.classes[k] for k in body_probs.argmax(1)]
-        raw = np.empty(len(images))
-        calibrated = np.empty(len(images))
-        for name in dict.fromkeys(parts):  # one batched call per fracture model
-            rows = np.array([p == name for p in parts])
-            raw[rows] = np.asarray(self._forward[name](inputs[rows]))[:, 0]
-            calibrated[rows] = apply_temperature(raw[rows], self._point(name)["temperature"])
-        return _Scored(body_probs, parts, raw, calibrated, ood)
-
     # -- response pieces ----------------------------------------------------------------------
 
-    def _point(self, part: str) -> dict:
-        """The part's operating point from evaluation; defaults where a bundle lacks one."""
-        meta = self.manifest["models"][part]
+    def _result(self, decisions: Decisions, i: int) -> dict:
+        """Body part, fracture and quality of unit i (an image or a study) as JSON."""
+        accepted = bool(decisions.accepted[i])
         return {
-            "threshold": float(meta.get("threshold", 0.5)),
-            "temperature": float(meta.get("temperature", 1.0)),
-            "uncertain_band": float(meta.get("uncertain_band", 0.0)),
+            "body_part": self._body_part(decisions.body_probs[i]),
+            "fracture": {
+                "model": str(decisions.part[i]),
+                "probability": float(decisions.prob[i]),
+                "uncalibrated_probability": float(decisions.raw[i]),
+                "finding": str(decisions.finding[i]),
+                "model_finding": str(decisions.model_finding[i]),
+                "threshold": float(decisions.threshold[i]),
+                "uncertain_band": float(decisions.band[i]),
+            },
+            "quality": {
+                "ood_score": float(decisions.ood[i]),
+                "accepted": accepted,
+                "ood_limit": OOD_LIMIT,
+            },
         }
 
     def _body_part(self, probs: np.ndarray) -> dict:
@@ -343,51 +320,21 @@ class Predictor:
             "confident": bool(probs[best] >= BODY_PART_MIN_CONFIDENCE),
         }
 
-    def _fracture(
-        self, part: str, prob: float, raw: float, *, forced_uncertain: bool = False
-    ) -> dict:
-        point = self._point(part)
-        model_finding = finding(prob, point["threshold"], point["uncertain_band"])
-        return {
-            "model": part,
-            "probability": prob,
-            "uncalibrated_probability": raw,
-            "finding": UNCERTAIN if forced_uncertain else model_finding,
-            "model_finding": model_finding,
-            "threshold": point["threshold"],
-            "uncertain_band": point["uncertain_band"],
-        }
-
-    def _image_result(self, scored: _Scored, i: int) -> dict:
-        score = float(scored.ood_scores[i])
-        body = self._body_part(scored.body_probs[i])
-        accepted = score <= OOD_LIMIT
-        unsure_part = scored.body_probs[i].max() < BODY_PART_MIN_CONFIDENCE
-        return {
-            "body_part": body,
-            "fracture": self._fracture(
-                scored.parts[i],
-                float(scored.probs[i]),
-                float(scored.raw_probs[i]),
-                forced_uncertain=not accepted or unsure_part,
-            ),
-            "quality": _quality(score, accepted),
-        }
-
-    def _recommendation(
-        self, part: str, fracture: dict, accepted: bool, study_images: int | None = None
-    ) -> dict:
-        context = {"ood": not accepted, "study_images": study_images}
+    def _recommendation(self, result: dict, study_images: int | None = None) -> dict:
+        fracture = result["fracture"]
+        context = {"ood": not result["quality"]["accepted"], "study_images": study_images}
         try:
             rec = recommend(
-                part,
+                fracture["model"],
                 fracture["finding"],
                 fracture["probability"],
                 context,
                 threshold=fracture["threshold"],
             )
         except UserError as exc:  # the bundle's operating point, not the request: a 5xx
-            raise RuntimeError(f"the {part} model's operating point is unusable: {exc}") from exc
+            raise RuntimeError(
+                f"the {fracture['model']} model's operating point is unusable: {exc}"
+            ) from exc
         return rec.model_dump(mode="json")
 
     def _gradcam(self, part: str):
@@ -431,6 +378,7 @@ class Predictor:
                 "analysed only because the override was set, so the finding is 'uncertain'."
             )
         return {
+            "api_version": API_VERSION,
             "level": level,
             **result,
             "model_versions": self.versions,
@@ -438,10 +386,6 @@ class Predictor:
             "notices": notices,
             "disclaimer": DISCLAIMER,
         }
-
-
-def _quality(ood_score: float, accepted: bool) -> dict:
-    return {"ood_score": ood_score, "accepted": accepted, "ood_limit": OOD_LIMIT}
 
 
 def error_body(exc: Exception) -> dict:

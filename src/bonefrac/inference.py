@@ -1,0 +1,240 @@
+"""The inference core: what turns model outputs into the answers the service gives.
+
+Calibration, the finding with its uncertain band, the out-of-distribution score, two-stage
+routing and study aggregation, in numpy only. The models come in as forward functions
+(images -> outputs), so the same code runs behind the service (`serving.predictor`),
+`bonefrac predict`, and the evaluate stage's end-to-end numbers: what is evaluated is what
+is served. Nothing here imports TensorFlow, scikit-learn or any training code.
+
+    images ──► body-part forward ──► route (each image, or each study as one) ──► that part's
+    fracture forward ──► temperature ──► mean per study ──► finding at the part's threshold,
+    "uncertain" within its band, or forced "uncertain" for an unsure part / OOD image
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FRACTURE, NO_FRACTURE, UNCERTAIN = "fracture", "no_fracture", "uncertain"
+REFUSED = "refused"  # the OOD gate answered 422 instead of a finding
+OOD_LIMIT = 1.0  # an OOD score above this = unlike the training radiographs
+BODY_PART_MIN_CONFIDENCE = 0.5  # below: the part (and so the fracture model) is a guess
+_EPS = 1e-7  # keeps logits finite for probabilities saturated at 0 or 1
+
+Forward = Callable[[np.ndarray], np.ndarray]  # images (N, ...) -> outputs (N, K) or (N,)
+
+
+# -- calibration and findings -------------------------------------------------------------------
+
+
+def logits(probs: Sequence[float] | np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(probs, dtype=float), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(probs: Sequence[float] | np.ndarray, temperature: float) -> np.ndarray:
+    """sigmoid(logit(p) / T): temperature scaling; T > 1 softens over-confident outputs."""
+    return np.exp(-np.logaddexp(0.0, -logits(probs) / temperature))  # sigmoid, no overflow
+
+
+def finding(prob: float, threshold: float, band: float) -> str:
+    """'uncertain' within band of the threshold, else 'fracture' / 'no_fracture'."""
+    if abs(prob - threshold) < band:
+        return UNCERTAIN
+    return FRACTURE if prob >= threshold else NO_FRACTURE
+
+
+def findings(probs, threshold, band) -> np.ndarray:
+    """finding() for many probabilities at once (threshold and band may be arrays too)."""
+    probs = np.asarray(probs, dtype=float)
+    decided = np.where(probs >= threshold, FRACTURE, NO_FRACTURE)
+    return np.where(np.abs(probs - threshold) < band, UNCERTAIN, decided)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One fracture model's operating point, chosen on val by the evaluate stage."""
+
+    threshold: float
+    temperature: float
+    uncertain_band: float
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, float]) -> OperatingPoint:
+        return cls(
+            float(values["threshold"]),
+            float(values["temperature"]),
+            float(values["uncertain_band"]),
+        )
+
+
+# -- the out-of-distribution gate ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OodGate:
+    """A fitted PCA as plain arrays, with its two OOD thresholds.
+
+    score = max(Q / q_threshold, T² / t2_threshold), where Q is the mean squared
+    reconstruction error of an image's descriptor and T² Hotelling's distance inside the
+    PCA subspace; > OOD_LIMIT means out of distribution. Descriptors come from
+    `imaging.downsample(images, image_size)`.
+    """
+
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (K, D), orthonormal rows
+    explained_variance: np.ndarray  # (K,)
+    q_threshold: float
+    t2_threshold: float
+    image_size: int  # descriptor resolution
+
+    def scores(self, descriptors: np.ndarray) -> np.ndarray:
+        """(N, D) descriptors -> (N,) OOD scores."""
+        centred = np.asarray(descriptors, dtype=np.float64) - self.mean
+        projected = centred @ self.components.T  # (N, K)
+        residual = centred - projected @ self.components
+        q = (residual**2).mean(axis=1)
+        t2 = (projected**2 / np.maximum(self.explained_variance, 1e-12)).sum(axis=1)
+        return np.maximum(q / self.q_threshold, t2 / self.t2_threshold)
+
+    def save(self, path: Path) -> Path:
+        with Path(path).open("wb") as file:  # a file object: np.savez would append ".npz"
+            np.savez(
+                file,
+                mean=self.mean,
+                components=self.components,
+                explained_variance=self.explained_variance,
+                thresholds=np.array([self.q_threshold, self.t2_threshold]),
+                image_size=np.array(self.image_size),
+            )
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> OodGate:
+        with np.load(path, allow_pickle=False) as arrays:
+            q, t2 = (float(v) for v in arrays["thresholds"])
+            return cls(
+                arrays["mean"],
+                arrays["components"],
+                arrays["explained_variance"],
+                q,
+                t2,
+                int(arrays["image_size"]),
+            )
+
+
+# -- the two stages -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwoStage:
+    """The body-part model, one fracture model per part and their operating points."""
+
+    classes: tuple[str, ...]  # the body-part model's softmax order
+    body_part: Forward  # images -> (N, len(classes)) probabilities
+    fracture: Mapping[str, Forward]  # part -> images -> (N,) or (N, 1) abnormal probability
+    points: Mapping[str, OperatingPoint]
+
+
+@dataclass(frozen=True)
+class Routed:
+    """N images after both stages."""
+
+    body_probs: np.ndarray  # (N, P) over TwoStage.classes
+    parts: np.ndarray  # (N,) the fracture model each image went to
+    raw: np.ndarray  # (N,) that model's output
+    probs: np.ndarray  # (N,) calibrated with that part's temperature
+
+
+def _group_mean(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    sums = np.zeros((n_groups, *values.shape[1:]))
+    np.add.at(sums, groups, values)
+    return sums / np.bincount(groups, minlength=n_groups).reshape(-1, *[1] * (values.ndim - 1))
+
+
+def route(model: TwoStage, images: np.ndarray, groups: np.ndarray | None = None) -> Routed:
+    """Both stages on N images. groups=None: each image goes to its own most likely part's
+    fracture model (/predict). groups (N,) = study index 0..G-1: every image of a study goes
+    to the part with the study's highest mean body-part probability (/predict_study, MURA)."""
+    body = np.asarray(model.body_part(images), dtype=float)  # (N, P)
+    if groups is None:
+        choice = body.argmax(axis=1)
+    else:
+        groups = np.asarray(groups)
+        choice = _group_mean(body, groups, int(groups.max()) + 1).argmax(axis=1)[groups]
+    parts = np.asarray(model.classes)[choice]
+    raw = np.empty(len(body))
+    probs = np.empty(len(body))
+    for part in dict.fromkeys(parts.tolist()):  # one batched call per fracture model
+        rows = parts == part
+        raw[rows] = np.asarray(model.fracture[part](images[rows]), dtype=float).reshape(-1)
+        probs[rows] = apply_temperature(raw[rows], model.points[part].temperature)
+    return Routed(body, parts, raw, probs)
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """One answer per unit (an image, or a study): arrays of length U."""
+
+    part: np.ndarray  # the fracture model that judged it
+    body_probs: np.ndarray  # (U, P) mean body-part probabilities
+    prob: np.ndarray  # mean calibrated probability (MURA: a study is its images' mean)
+    raw: np.ndarray  # mean uncalibrated probability
+    ood: np.ndarray  # the highest OOD score of its images
+    threshold: np.ndarray
+    band: np.ndarray
+    accepted: np.ndarray  # every image passed the OOD gate
+    confident: np.ndarray  # body-part probability >= BODY_PART_MIN_CONFIDENCE
+    model_finding: np.ndarray  # the probability against threshold and band alone
+    finding: np.ndarray  # model_finding, or "uncertain" when not accepted or not confident
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """0/1 at the threshold, band ignored: the served probability against its threshold."""
+        return (self.prob >= self.threshold).astype(int)
+
+    def answers(self, ood_gate: bool = True) -> np.ndarray:
+        """What the service answers: the finding, or "refused" where the OOD gate is on and
+        an image failed it (without the `allow_ood` override)."""
+        return np.where(ood_gate & ~self.accepted, REFUSED, self.finding)
+
+
+def decide(
+    model: TwoStage, routed: Routed, ood: np.ndarray, groups: np.ndarray | None = None
+) -> Decisions:
+    """Judge each image (groups=None) or each group of images (a study) as the service does."""
+    ood = np.asarray(ood, dtype=float)
+    if groups is None:
+        groups = np.arange(len(ood))
+    groups = np.asarray(groups)
+    n = int(groups.max()) + 1 if len(groups) else 0
+    first = np.zeros(n, dtype=int)
+    first[groups[::-1]] = np.arange(len(groups))[::-1]  # the first image of each unit
+    part = routed.parts[first]  # the same for every image of a unit routed by that unit
+    body = _group_mean(routed.body_probs, groups, n)
+    prob = _group_mean(routed.probs, groups, n)
+    worst = np.full(n, -np.inf)
+    np.maximum.at(worst, groups, ood)
+    points = [model.points[p] for p in part]
+    threshold = np.array([p.threshold for p in points])
+    band = np.array([p.uncertain_band for p in points])
+    accepted = worst <= OOD_LIMIT
+    confident = body.max(axis=1) >= BODY_PART_MIN_CONFIDENCE
+    model_finding = findings(prob, threshold, band)
+    return Decisions(
+        part=part,
+        body_probs=body,
+        prob=prob,
+        raw=_group_mean(routed.raw, groups, n),
+        ood=worst,
+        threshold=threshold,
+        band=band,
+        accepted=accepted,
+        confident=confident,
+        model_finding=model_finding,
+        finding=np.where(accepted & confident, model_finding, UNCERTAIN),
+    )

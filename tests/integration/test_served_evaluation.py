@@ -1,0 +1,110 @@
+"""The evaluate stage's end-to-end numbers are what the running service's code answers.
+
+On the flow's own run (the `pipeline_run` fixture, shared with the other integration tests):
+the bundle the flow packaged into the BentoML store is loaded by the service's Predictor, every
+test study is sent to `predict_study` as its image files, and the answers are scored here with
+scikit-learn. The evaluate stage's study kappa, its decided-only kappa, its answer shares and
+its MURA submission must equal what the service says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from bonefrac.evaluate import read_submission
+
+pytestmark = pytest.mark.slow
+
+
+def _packaged_bundle(project: Path, runs: dict[str, str]) -> Path:
+    """The bundle in the flow's BentoML store holding exactly the models this run evaluated."""
+    store = project.parent / "bentoml" / "models" / "bonefrac"
+    for manifest_file in sorted(store.glob("*/bundle.json")):
+        models = json.loads(manifest_file.read_text())["models"]
+        if all(models[name].get("run_id") == runs[name] for name in models):
+            return manifest_file.parent
+    raise AssertionError(f"no packaged bundle of this run's models in {store}")
+
+
+@pytest.fixture(scope="module")
+def served(pipeline_run):
+    """Every test study as the service answers it (allow_ood, so a study the OOD gate would
+    refuse still shows its probability; `accepted` says whether the gate would let it in)."""
+    from bonefrac.cache import load_cache
+    from bonefrac.data.mura import find_mura_root
+    from bonefrac.serving.predictor import Predictor
+
+    project, settings, _ = pipeline_run
+    runs = json.loads((settings.layout.models / "runs.json").read_text())
+    predictor = Predictor.from_bundle(_packaged_bundle(project, runs), warm_up=False)
+    cache = load_cache(settings.layout.preprocessed)
+    test = cache.index[cache.index["split"] == "test"]
+    data_dir = find_mura_root(settings.paths.data).parent
+    rows = []
+    for _, images in test.groupby("study_id", sort=False):
+        files = [(data_dir / path).read_bytes() for path in images["path"]]
+        result = predictor.predict_study(files, allow_ood=True)
+        fracture = result["fracture"]
+        rows.append(
+            {
+                "study_path": images["study_path"].iloc[0],
+                "label": int(images["label"].iloc[0]),
+                "prediction": int(fracture["probability"] >= fracture["threshold"]),
+                "answer": fracture["finding"] if result["quality"]["accepted"] else "refused",
+            }
+        )
+    return settings, predictor, cache, pd.DataFrame(rows)
+
+
+def test_evaluated_study_kappa_is_the_services_kappa_over_every_test_study(served):
+    settings, _, _, studies = served
+    report = json.loads((settings.layout.evaluation / "metrics.json").read_text())["end_to_end"]
+    assert report["study"]["n"] == len(studies) > 0
+    kappa = cohen_kappa_score(studies["label"], studies["prediction"])
+    if np.isnan(kappa):
+        assert report["study"]["kappa"] is None
+    else:
+        assert report["study"]["kappa"] == pytest.approx(kappa, abs=1e-12)
+
+    decided = studies[studies["answer"].isin(["fracture", "no_fracture"])]
+    assert report["study_decided"]["n"] == len(decided)
+    assert report["study_decided"]["coverage"] == pytest.approx(len(decided) / len(studies))
+    if len(decided) and decided["label"].nunique() == 2:
+        said_fracture = (decided["answer"] == "fracture").astype(int)
+        expected = cohen_kappa_score(decided["label"], said_fracture)
+        assert report["study_decided"]["kappa"] == pytest.approx(expected, abs=1e-12)
+    shares = studies["answer"].value_counts(normalize=True)
+    for answer in ("fracture", "no_fracture", "uncertain", "refused"):
+        assert report["study_answers"][answer] == pytest.approx(shares.get(answer, 0.0))
+
+
+def test_submission_says_what_the_service_says_study_by_study(served):
+    settings, _, _, studies = served
+    submission = read_submission(settings.layout.evaluation / "submission.csv")
+    paths = studies["study_path"].where(
+        studies["study_path"].str.endswith("/"), studies["study_path"] + "/"
+    )
+    assert submission == dict(zip(paths, studies["prediction"], strict=True))
+    for path, answer in zip(paths, studies["answer"], strict=True):
+        if answer in ("fracture", "no_fracture"):
+            assert submission[path] == int(answer == "fracture")
+
+
+def test_bundle_re_evaluated_with_its_serving_runtime_gives_the_recorded_numbers(served):
+    from bonefrac.evaluate.end_to_end import evaluate_bundle
+
+    settings, predictor, cache, _ = served
+    report = json.loads((settings.layout.evaluation / "metrics.json").read_text())["end_to_end"]
+    again = evaluate_bundle(
+        predictor.core, predictor.gate, cache, settings.evaluate, runtime="bundle keras-fp32"
+    )
+    assert report["runtime"] == "keras-fp32"
+    for level in ("image", "study"):
+        for key in ("kappa", "accuracy", "n", "tp", "fp"):
+            assert again.metrics[level][key] == pytest.approx(report[level][key], abs=1e-9)
+        assert again.metrics[f"{level}_answers"] == pytest.approx(report[f"{level}_answers"])

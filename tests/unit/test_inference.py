@@ -1,0 +1,187 @@
+"""The inference core with numpy stand-ins for the models: calibration, findings, the OOD
+gate against scikit-learn's PCA, routing of images and of studies, and study aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import expit, logit
+from sklearn.decomposition import PCA
+
+from bonefrac import inference as inf
+
+PARTS = ("elbow", "hand", "shoulder")
+POINTS = {
+    "elbow": inf.OperatingPoint(threshold=0.4, temperature=2.0, uncertain_band=0.05),
+    "hand": inf.OperatingPoint(threshold=0.6, temperature=0.5, uncertain_band=0.1),
+    "shoulder": inf.OperatingPoint(threshold=0.5, temperature=1.5, uncertain_band=0.0),
+}
+
+
+def test_temperature_is_scipys_sigmoid_of_scaled_logits():
+    probs = np.array([1e-9, 0.01, 0.3, 0.5, 0.8, 0.999, 1.0])
+    for temperature in (0.3, 1.0, 2.7):
+        expected = expit(logit(np.clip(probs, 1e-7, 1 - 1e-7)) / temperature)
+        np.testing.assert_allclose(inf.apply_temperature(probs, temperature), expected, rtol=1e-9)
+
+
+def test_findings_with_per_unit_thresholds_and_bands():
+    probs = np.array([0.42, 0.30, 0.66, 0.75, 0.50])
+    threshold = np.array([0.4, 0.4, 0.6, 0.6, 0.5])
+    band = np.array([0.05, 0.05, 0.1, 0.1, 0.0])
+    assert list(inf.findings(probs, threshold, band)) == [
+        inf.UNCERTAIN,
+        inf.NO_FRACTURE,
+        inf.UNCERTAIN,
+        inf.FRACTURE,
+        inf.FRACTURE,  # no band: the threshold itself is positive
+    ]
+    assert [inf.finding(*args) for args in zip(probs, threshold, band, strict=True)] == list(
+        inf.findings(probs, threshold, band)
+    )
+
+
+def test_ood_gate_equals_scikit_learn_pca(tmp_path):
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 40))
+    train = rng.normal(size=(200, 3)) @ basis + 0.05 * rng.normal(size=(200, 40)) + 2.0
+    pca = PCA(n_components=3).fit(train)
+    gate = inf.OodGate(pca.mean_, pca.components_, pca.explained_variance_, 0.01, 9.0, image_size=6)
+    new = np.vstack([train[:5], rng.normal(size=(5, 40)) * 3])
+    q = ((new - pca.inverse_transform(pca.transform(new))) ** 2).mean(axis=1)
+    t2 = (pca.transform(new) ** 2 / pca.explained_variance_).sum(axis=1)
+    np.testing.assert_allclose(gate.scores(new), np.maximum(q / 0.01, t2 / 9.0), rtol=1e-9)
+    assert (gate.scores(new[:5]) < gate.scores(new[5:]).min()).all()
+
+    loaded = inf.OodGate.load(gate.save(tmp_path / "gate.npz"))
+    assert (tmp_path / "gate.npz").is_file() and loaded.image_size == 6
+    np.testing.assert_array_equal(loaded.scores(new), gate.scores(new))
+
+
+def model_with(body: np.ndarray, raw: dict[str, np.ndarray]) -> inf.TwoStage:
+    """Images are row indices here; each model answers from a table, as CachedForward does."""
+    return inf.TwoStage(
+        classes=PARTS,
+        body_part=lambda rows: body[rows],
+        fracture={p: (lambda rows, p=p: raw[p][rows]) for p in PARTS},
+        points=POINTS,
+    )
+
+
+BODY = np.array(
+    [
+        [0.8, 0.1, 0.1],  # study 0: elbow, then hand-ish; mean says elbow
+        [0.3, 0.6, 0.1],
+        [0.1, 0.2, 0.7],  # study 1: shoulder
+        [0.4, 0.3, 0.3],  # study 2: one image, unsure part
+    ]
+)
+RAW = {
+    "elbow": np.array([0.2, 0.9, 0.5, 0.45]),
+    "hand": np.array([0.7, 0.55, 0.3, 0.1]),
+    "shoulder": np.array([0.6, 0.6, 0.8, 0.2]),
+}
+
+
+def test_each_image_goes_to_its_own_part_and_is_judged_there():
+    model = model_with(BODY, RAW)
+    rows = np.arange(4)
+    routed = inf.route(model, rows)
+    assert list(routed.parts) == ["elbow", "hand", "shoulder", "elbow"]
+    expected = [expit(logit(RAW[p][i]) / POINTS[p].temperature) for i, p in enumerate(routed.parts)]
+    np.testing.assert_allclose(routed.probs, expected)
+
+    ood = np.array([0.2, 0.5, 1.3, 0.1])
+    decisions = inf.decide(model, routed, ood)
+    np.testing.assert_allclose(decisions.threshold, [0.4, 0.6, 0.5, 0.4])
+    assert list(decisions.accepted) == [True, True, False, True]
+    assert list(decisions.confident) == [True, True, True, False]
+    assert list(decisions.model_finding) == [
+        inf.findings(p, POINTS[part].threshold, POINTS[part].uncertain_band)
+        for p, part in zip(decisions.prob, decisions.part, strict=True)
+    ]
+    # the OOD image and the unsure part are forced to "uncertain"; the gate refuses the OOD one
+    assert decisions.finding[2] == decisions.finding[3] == inf.UNCERTAIN
+    assert list(decisions.answers(ood_gate=True))[2:] == [inf.REFUSED, inf.UNCERTAIN]
+    assert list(decisions.answers(ood_gate=False))[2:] == [inf.UNCERTAIN, inf.UNCERTAIN]
+    assert list(decisions.predicted) == [
+        int(p >= t) for p, t in zip(decisions.prob, decisions.threshold, strict=True)
+    ]
+
+
+def test_a_study_goes_to_its_mean_part_and_is_the_mean_of_calibrated_probabilities():
+    model = model_with(BODY, RAW)
+    groups = np.array([0, 0, 1, 2])
+    routed = inf.route(model, np.arange(4), groups)
+    assert list(routed.parts) == ["elbow", "elbow", "shoulder", "elbow"]
+    study = inf.decide(model, routed, np.array([0.2, 1.1, 0.3, 0.4]), groups)
+    assert list(study.part) == ["elbow", "shoulder", "elbow"]
+    elbow = expit(logit(RAW["elbow"][:2]) / 2.0)
+    assert study.prob[0] == pytest.approx(elbow.mean())
+    assert study.raw[0] == pytest.approx(RAW["elbow"][:2].mean())
+    np.testing.assert_allclose(study.body_probs[0], BODY[:2].mean(axis=0))
+    assert list(study.ood) == [1.1, 0.3, 0.4]
+    assert list(study.accepted) == [False, True, True]  # one OOD image taints its study
+    assert list(study.answers()) == [
+        inf.REFUSED,
+        study.model_finding[1],
+        inf.UNCERTAIN,  # unsure part
+    ]
+
+
+def test_end_to_end_evaluation_scores_each_study_as_the_core_answers_it():
+    from bonefrac.config import EvaluateConfig
+    from bonefrac.evaluate.end_to_end import CachedForward, evaluate_end_to_end
+
+    calls: dict[str, list[int]] = {}
+
+    def counted(table: np.ndarray, name: str):
+        def forward(rows: np.ndarray) -> np.ndarray:
+            calls.setdefault(name, []).extend(np.asarray(rows).tolist())
+            return table[rows]
+
+        return CachedForward(forward, np.arange(len(table)))
+
+    model = inf.TwoStage(
+        classes=PARTS,
+        body_part=counted(BODY, "body_part"),
+        fracture={p: counted(RAW[p], p) for p in PARTS},
+        points=POINTS,
+    )
+    frame = pd.DataFrame(
+        {
+            "path": [f"img{i}" for i in range(4)],
+            "study_id": ["s0", "s0", "s1", "s2"],
+            "study_path": ["a/", "a/", "b/", "c/"],
+            "patient_id": ["p0", "p0", "p1", "p2"],
+            "body_part": ["elbow", "elbow", "shoulder", "hand"],
+            "label": [1, 1, 0, 1],
+        }
+    )
+    ood = np.array([0.2, 0.3, 0.4, 1.5])
+    result = evaluate_end_to_end(
+        model, np.arange(4), frame, ood, EvaluateConfig(bootstrap_samples=50)
+    )
+    for rows in calls.values():  # image and study routing shared each model's outputs
+        assert sorted(rows) == sorted(set(rows))
+
+    groups = np.array([0, 0, 1, 2])
+    study = inf.decide(model, inf.route(model, np.arange(4), groups), ood, groups)
+    studies = result.studies
+    assert list(studies["study_id"]) == ["s0", "s1", "s2"] and list(studies["n_images"]) == [
+        2,
+        1,
+        1,
+    ]
+    np.testing.assert_allclose(studies["prob"], study.prob)
+    assert list(studies["answer"]) == list(study.answers())
+    assert studies["answer"].iloc[2] == inf.REFUSED
+    metrics = result.metrics
+    assert metrics["study"]["n"] == 3 and metrics["image"]["n"] == 4
+    assert metrics["study_answers"][inf.REFUSED] == pytest.approx(1 / 3)
+    decided = studies["answer"].isin([inf.FRACTURE, inf.NO_FRACTURE])
+    assert metrics["study_decided"]["n"] == decided.sum()
+    assert metrics["study_decided"]["coverage"] == pytest.approx(decided.mean())
+    assert metrics["routing_accuracy"] == pytest.approx(0.5)  # images 0 and 2 routed right
+    assert metrics["study_routing_accuracy"] == pytest.approx(2 / 3)  # s0, s1 right; s2 not
