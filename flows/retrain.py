@@ -116,7 +116,7 @@ def evaluate(settings: Settings) -> dict[str, Any]:
 @task(retries=1, retry_delay_seconds=10)  # another DVC command may hold the repository lock
 def record_in_dvc(settings: Settings) -> dict[str, Any]:
     """Write the DVC stages this flow ran into dvc.lock, so `dvc status` agrees with it."""
-    from bonefrac.data.versioning import record_flow_run
+    from bonefrac.dvc_lock import record_flow_run
     from bonefrac.stages import STAGES
 
     record = record_flow_run(settings, tuple(stage.name for stage in STAGES))

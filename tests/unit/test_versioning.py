@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bonefrac.config import load_settings
-from bonefrac.data.versioning import record_flow_run, why_not_reproducible
+from bonefrac.dvc_lock import record_flow_run, why_not_reproducible
 
 ALL = ("validate", "preprocess", "fit_pca", "train", "evaluate")
 

@@ -2,8 +2,8 @@
 
 `data.dvc` tracks `data/` (the raw MURA-v1.1 folder); its md5 is the data version id that
 every MLflow run and registered model carries. After a Prefect flow run, the stages it ran
-are written into `dvc.lock` (`record_flow_run`), so `dvc status` agrees with the flow. DVC is
-driven through its command line (`python -m dvc`), the interface DVC keeps stable.
+are written into `dvc.lock` (`bonefrac.dvc_lock`), so `dvc status` agrees with the flow.
+DVC is driven through its command line (`python -m dvc`), the interface DVC keeps stable.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +20,7 @@ import yaml
 from bonefrac.errors import DataError
 
 if TYPE_CHECKING:
-    from bonefrac.config import Settings
+    pass
 
 
 @dataclass(frozen=True)
@@ -84,56 +83,3 @@ def track_data(project_dir: Path, data: str = "data", push: bool = True) -> Data
             pushed = True
     version = data_version(project_dir, f"{data}.dvc")
     return DataVersion(version.md5, version.size, version.nfiles, pushed=pushed)
-
-
-@dataclass(frozen=True)
-class DvcRecord:
-    recorded: bool
-    stages: tuple[str, ...]
-    reason: str  # why not, when not recorded
-    seconds: float = 0.0
-
-
-def why_not_reproducible(settings: Settings, stages: tuple[str, ...]) -> str | None:
-    """Why `dvc repro` would not reproduce this run's outputs, or None when it would.
-
-    dvc.lock records params.yaml's values of the sections each stage reads, and the project's
-    own data and artifacts folders; a run with a --profile, --data or environment override
-    computed something else, and recording it would make `dvc status` lie.
-    """
-    from bonefrac.config import load_settings
-    from bonefrac.stages import get_stage
-
-    project = Path(settings.paths.project)
-    if not (project / ".dvc").is_dir() or not (project / "dvc.yaml").is_file():
-        return f"{project} has no DVC pipeline (.dvc/ and dvc.yaml)"
-    as_dvc_runs_it = load_settings(project / "params.yaml", env={})
-    for field in ("data", "artifacts"):
-        if getattr(settings.paths, field) != getattr(as_dvc_runs_it.paths, field):
-            return f"this run's paths.{field} is not params.yaml's (an override)"
-    if settings.profile != as_dvc_runs_it.profile:
-        return (
-            f"this run used profile {settings.profile!r} but params.yaml says "
-            f"{as_dvc_runs_it.profile!r}: set `profile:` in params.yaml instead of --profile "
-            "or BONEFRAC_PROFILE to keep DVC in step"
-        )
-    for name in stages:
-        sections = get_stage(name).sections
-        if settings.section_hash(*sections) != as_dvc_runs_it.section_hash(*sections):
-            return f"stage {name} ran with {'/'.join(sections)} settings unlike params.yaml's"
-    return None
-
-
-def record_flow_run(settings: Settings, stages: tuple[str, ...]) -> DvcRecord:
-    """Write `stages` into dvc.lock as they ran in this flow (`dvc commit --force`), so
-    `dvc status` and `dvc repro` agree with the flow without running anything again.
-
-    DVC hashes the current deps, params and outs and caches the outs, as `dvc repro` would.
-    Only a run that `dvc repro` would reproduce is recorded (see `why_not_reproducible`).
-    """
-    reason = why_not_reproducible(settings, stages)
-    if reason is not None:
-        return DvcRecord(False, stages, reason)
-    start = time.perf_counter()
-    dvc(Path(settings.paths.project), "commit", "--force", "--quiet", *stages)
-    return DvcRecord(True, stages, "", time.perf_counter() - start)
