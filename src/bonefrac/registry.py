@@ -182,7 +182,8 @@ def register(settings: Settings) -> list[Decision]:
 
     from bonefrac import tracking
     from bonefrac.cache import load_cache
-    from bonefrac.train import model_names, read_runs
+    from bonefrac.tracking import read_runs
+    from bonefrac.train import model_names
 
     layout, cfg = settings.layout, settings.registry
     runs = read_runs(layout.models)

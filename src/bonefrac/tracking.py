@@ -3,12 +3,16 @@ params, metrics, artifacts)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
 from bonefrac.config import Settings
+from bonefrac.errors import DataError
+
+RUN_FILE = "runs.json"  # in the models folder: parent and per-model MLflow run ids
 
 # What a logged model needs to load elsewhere; versions are read from this environment.
 MODEL_REQUIREMENTS = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "mlflow", "h5py")
@@ -107,3 +111,12 @@ def pinned_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return pins
+
+
+def read_runs(models_dir: Path) -> dict[str, str]:
+    """The models folder's MLflow run ids (the train stage writes them; evaluation, the registry
+    and packaging read them): kept here so those stages need not import the training code."""
+    path = Path(models_dir) / RUN_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the train stage first")
+    return json.loads(path.read_text())

@@ -20,8 +20,7 @@ from bonefrac.config import Settings, TrainConfig
 from bonefrac.data.mura import body_part_name
 from bonefrac.errors import DataError
 from bonefrac.models import BODY_PART_MODEL
-
-RUN_FILE = "runs.json"  # in the models folder: parent and per-model MLflow run ids
+from bonefrac.tracking import RUN_FILE, read_runs  # runs.json: written here, read downstream
 
 
 def model_names(settings: Settings) -> list[str]:
@@ -475,10 +474,3 @@ def _write_train_metrics(settings: Settings, results: dict[str, TrainResult]) ->
         for name, r in results.items()
     }
     (layout.metrics / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def read_runs(models_dir: Path) -> dict[str, str]:
-    path = Path(models_dir) / RUN_FILE
-    if not path.is_file():
-        raise DataError(f"{path} not found: run the train stage first")
-    return json.loads(path.read_text())

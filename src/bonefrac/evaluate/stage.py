@@ -85,7 +85,7 @@ class EvaluationSummary:
 
 def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
     from bonefrac import tracking
-    from bonefrac.train import read_runs
+    from bonefrac.tracking import read_runs
 
     layout = settings.layout
     cfg = settings.evaluate
