@@ -269,3 +269,27 @@ def test_body_parts_are_recognisable_at_16_pixels(mura: Path) -> None:
     valid_features, valid_labels = thumbnails("valid")
     classifier = NearestCentroid().fit(train_features, train_labels)
     assert classifier.score(valid_features, valid_labels) > 0.6
+
+
+def _pair(part: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A normal and an abnormal film drawn from the same seed (same size, pose and exposure)."""
+    normal = synthetic.render_radiograph(part, False, np.random.default_rng(seed), size=128)
+    broken = synthetic.render_radiograph(part, True, np.random.default_rng(seed), size=128)
+    return normal, broken
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_fractures_are_not_readable_from_global_brightness(part: str) -> None:
+    """A fracture must be found where it is, not counted: over 40 films per class, the mean
+    and spread of brightness separate normal from abnormal no better than a weak guess."""
+    from sklearn.metrics import roc_auc_score
+
+    stats, labels = [], []
+    for seed in range(40):
+        for label, image in enumerate(_pair(part, 1000 + seed)):
+            stats.append((image.mean(), image.std()))
+            labels.append(label)
+    stats = np.array(stats)
+    for column in range(2):
+        auc = roc_auc_score(labels, stats[:, column])
+        assert 0.25 < auc < 0.75, f"{part}: a global statistic gives AUROC {auc:.2f}"

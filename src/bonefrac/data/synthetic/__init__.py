@@ -13,8 +13,10 @@ on:
 - anatomies that differ clearly even at 32-64 px (elbow: two long bones meeting at an angle;
   hand: a palm with five rays of small bones; shoulder: a round humeral head beside the glenoid
   and scapula, the clavicle across the top), so a small network can learn the body part;
-- abnormal studies that show a bold fracture: a dark jagged gap across a bone with the far
-  fragment displaced and angulated.
+- abnormal studies that show a bold fracture: a dark jagged gap across a large bone (never a
+  phalanx, a few pixels wide at 64 px), the far fragment displaced by most of a shaft width and
+  angulated, and soft-tissue swelling around it. It is local: global brightness statistics do
+  not give it away (tested), so a model has to find the break.
 
 The output is deterministic: every image draws from its own generator seeded by the run's seed
 and the image's place in the dataset, so the same seed writes byte-identical files (given the

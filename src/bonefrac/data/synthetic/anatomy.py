@@ -55,6 +55,7 @@ def _elbow(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Dra
         humerus_width,
         rng,
         fracture_at=rng.uniform(0.55, 0.8) if broken == "humerus" else None,
+        tissue=tissue,
     )
     humerus.heads.append((joint, (30, 25), float(np.degrees(np.arctan2(up[1], up[0])))))
     sign = np.sign(bend)
@@ -65,6 +66,7 @@ def _elbow(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Dra
         rng.uniform(18, 22),
         rng,
         fracture_at=rng.uniform(0.25, 0.55) if broken == "ulna" else None,
+        tissue=tissue,
     )
     ulna.heads.append((ulna_start, (17, 14), 0.0))  # olecranon
     radius_start = joint + forearm_direction * 22 - across * sign * 12
@@ -74,6 +76,7 @@ def _elbow(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Dra
         rng.uniform(17, 21),
         rng,
         fracture_at=rng.uniform(0.15, 0.5) if broken == "radius" else None,
+        tissue=tissue,
     )
     radius.heads.append((radius_start, (13, 11), 0.0))  # radial head
     return [humerus.draw, ulna.draw, radius.draw]
@@ -84,8 +87,9 @@ def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Draw
     metacarpals and phalanges fanning upwards, the thumb off to the side."""
     wrist = _p(128 + rng.normal(0, 5), 200 + rng.normal(0, 5))
     spread = rng.uniform(0.8, 1.3)  # fingers together or splayed
-    sites = ["radius", "metacarpal", "phalanx"]
-    broken = rng.choice(sites, p=[0.5, 0.3, 0.2]) if fracture else None
+    # Distal radius and metacarpal (boxer's) fractures, the commonest hand-film fractures; a
+    # phalanx is left out because at 64 px it is a few pixels wide.
+    broken = rng.choice(["radius", "metacarpal"]) if fracture else None
     broken_ray = int(rng.integers(1, 5))
 
     tissue.ellipse(wrist + _p(0, -42), (60, 55), 0, 1.0)
@@ -97,7 +101,8 @@ def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Draw
             wrist + _p(-22, 160),
             rng.uniform(26, 32),
             rng,
-            fracture_at=rng.uniform(0.08, 0.25) if broken == "radius" else None,
+            fracture_at=rng.uniform(0.2, 0.45) if broken == "radius" else None,
+            tissue=tissue,
         ),
         _long_bone(wrist + _p(22, 20), wrist + _p(24, 160), rng.uniform(17, 21), rng),
     ]
@@ -124,17 +129,15 @@ def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Draw
         for bone_index, length in enumerate(lengths):
             end = point + direction * length
             bone_width = width * (1.0 - 0.12 * bone_index)
-            breaks_here = index == broken_ray and (
-                (broken == "metacarpal" and bone_index == 0)
-                or (broken == "phalanx" and bone_index == 1)
-            )
+            breaks_here = index == broken_ray and broken == "metacarpal" and bone_index == 0
             bones.append(
                 _long_bone(
                     point,
                     end,
-                    bone_width * (1.3 if breaks_here else 1.0),  # boxer's fractures swell
+                    bone_width * (1.5 if breaks_here else 1.0),  # boxer's fractures swell
                     rng,
                     fracture_at=rng.uniform(0.45, 0.75) if breaks_here else None,
+                    tissue=tissue,
                 )
             )
             point = end + direction * 4  # joint space
@@ -177,6 +180,7 @@ def _shoulder(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_
         rng.uniform(34, 40),
         rng,
         fracture_at=rng.uniform(0.06, 0.2) if broken == "neck" else None,
+        tissue=tissue,
     )
     humerus.heads.append((head, (radius, radius * 0.95), 0.0))
     humerus.heads.append((head + _p(radius * 0.75, radius * 0.3), (14, 20), 0.0))  # tuberosity
@@ -189,6 +193,7 @@ def _shoulder(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_
         rng.uniform(17, 21),
         rng,
         fracture_at=rng.uniform(0.5, 0.75) if broken == "clavicle" else None,
+        tissue=tissue,
     )
     coracoid = _Bone(heads=[(glenoid + _p(-2, -radius * 0.95), (12, 8), 30.0)])
     return [draw_thin_bones, coracoid.draw, humerus.draw, acromion.draw, clavicle.draw]
@@ -210,6 +215,7 @@ def _other_part(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list
             width,
             rng,
             fracture_at=rng.uniform(0.35, 0.65) if broken == index else None,
+            tissue=tissue,
         ).draw
         for index, (offset, width) in enumerate(((-20, 26.0), (22, 20.0)))
     ]

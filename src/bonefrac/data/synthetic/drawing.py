@@ -17,7 +17,7 @@ SOFT_TISSUE = 0.30
 CORTEX = 0.95
 MARROW = 0.62
 THIN_BONE = 0.48  # scapula blade and ribs: bone seen face-on, so less dense than a shaft
-FRACTURE_GAP = 0.24
+FRACTURE_GAP = 0.2
 MARROW_WIDTH_RATIO = 0.5  # of a shaft's width; the rest is the bright cortical rim
 
 DESIGN_SIZE = 256  # anatomy is laid out in a 256-unit square, then scaled to the canvas
@@ -176,10 +176,16 @@ def _long_bone(
     width: float,
     rng: np.random.Generator,
     fracture_at: float | None = None,
+    tissue: _Film | None = None,
 ) -> _Bone:
-    """A tubular bone from start to end; with `fracture_at` (0..1 along it) the far fragment is
-    displaced sideways and angulated and a dark jagged gap crosses the break, bold enough to
-    survive downsampling to 64 px."""
+    """A tubular bone from start to end; with `fracture_at` (0..1 along it) the bone breaks.
+
+    The break is drawn with the signs a reader looks for, bold enough to survive downsampling
+    to 64 px: a dark jagged gap across the full width, the far fragment displaced sideways by
+    most of a shaft width and angulated, and (when `tissue` is given) soft-tissue swelling
+    around the break. Nothing else in a normal film looks like it: joint spaces are narrower,
+    straight and between rounded ends, so a network must find the break, not count dark pixels.
+    """
     if fracture_at is None:
         return _Bone(shafts=[_Shaft(start, end, width)])
     axis = end - start
@@ -187,20 +193,21 @@ def _long_bone(
     across = _normal(direction)
     break_point = start + axis * fracture_at
     side = rng.choice([-1.0, 1.0])
-    shift = across * side * width * rng.uniform(0.35, 0.7) + direction * width * rng.uniform(0, 0.2)
-    tilt = side * rng.uniform(8, 22)
+    shift = across * side * width * rng.uniform(0.6, 0.95) + direction * width * rng.uniform(0, 0.3)
+    tilt = side * rng.uniform(15, 32)
     fragment_start = break_point + shift
     fragment_end = fragment_start + _rotate(end - break_point, tilt)
-    # A zig-zag across the full width, a little past the cortex, like a comminuted break line.
-    steps = np.linspace(-0.65, 0.65, 6)
+    # A zig-zag across the full width and past the cortex, like a comminuted break line.
+    steps = np.linspace(-0.8, 0.8, 6)
     zigzag = [
-        break_point + across * s * width + direction * rng.uniform(-0.25, 0.25) * width
-        for s in steps
+        break_point + across * s * width + direction * rng.uniform(-0.3, 0.3) * width for s in steps
     ]
+    if tissue is not None:  # haematoma: the limb's outline bulges around the break
+        tissue.ellipse(break_point + shift / 2, (width * 1.6, width * 1.2), 0, 1.0)
     return _Bone(
         shafts=[
             _Shaft(start, break_point, width, round_end=False),
             _Shaft(fragment_start, fragment_end, width, round_start=False),
         ],
-        fracture_lines=[(zigzag, max(6.0, width * 0.3))],
+        fracture_lines=[(zigzag, max(9.0, width * 0.45))],
     )
