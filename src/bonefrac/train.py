@@ -484,13 +484,13 @@ def _log_training_artifacts(result: TrainResult, folder: Path) -> None:
         mlflow.log_artifact(str(plot))
     mlflow.log_artifact(str(folder / "meta.json"))
     # what each phase trained (e.g. trainable_weights_head: the head alone while frozen)
-    mlflow.log_params(
-        {
-            f"{key}_{entry['phase']}": entry[key]
-            for entry in result.phases
-            for key in ("epochs", "trainable_weights", "trainable_params")
-        }
-    )
+    phases = {
+        f"{key}_{entry['phase']}": entry[key]
+        for entry in result.phases
+        for key in ("epochs", "trainable_weights", "trainable_params")
+    }
+    if phases:
+        mlflow.log_params(phases)
     mlflow.log_metrics(
         {
             "train_seconds": result.seconds,
