@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bonefrac.errors import UserError
 
@@ -70,7 +77,7 @@ class DataConfig(_Section):
 
 
 class PreprocessConfig(_Section):
-    image_size: int = Field(224, ge=16, le=1024)
+    image_size: int = Field(320, ge=16, le=1024)  # MURA baseline: 320 x 320
     clahe: bool = True
     clahe_clip_limit: float = Field(2.0, gt=0)
     clahe_tile_grid: int = Field(8, ge=1)
@@ -103,17 +110,29 @@ class TrackingConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Defaults follow the MURA baseline (Rajpurkar et al. 2017) where it has a value;
+    docs/recipe.md gives each source and what differs."""
+
     weights: str = "imagenet"
-    batch_size: int = Field(32, ge=1)
-    head_epochs: int = Field(3, ge=0)
-    finetune_epochs: int = Field(10, ge=0)
-    finetune_layers: int = Field(30, ge=0)
+    batch_size: int = Field(8, ge=1)
+    head_epochs: int = Field(2, ge=0)  # phase 1: backbone frozen, only the new head trains
+    finetune_epochs: int = Field(30, ge=0)  # phase 2: an upper bound; early stopping ends it
+    # Backbone layers trained in phase 2, counted from the top: "all" (full fine-tuning, as
+    # the MURA baseline) or a number (0 also means all, as older params files wrote it).
+    finetune_layers: int | Literal["all"] = "all"
     head_learning_rate: float = Field(1e-3, gt=0)
     finetune_learning_rate: float = Field(1e-4, gt=0)
     dropout: float = Field(0.3, ge=0, lt=1)
     bn_momentum: float = Field(0.99, gt=0, lt=1)
-    patience: int = Field(3, ge=1)
+    # Best epoch, early stopping and learning-rate drops follow the validation loss ("loss",
+    # the MURA baseline's choice) or the model's metric ("metric": AUC for a fracture
+    # model, accuracy for the body-part model).
+    monitor: Literal["loss", "metric"] = "loss"
+    patience: int = Field(5, ge=1)  # early stopping: epochs without improvement
+    lr_patience: int = Field(1, ge=1)  # epochs without improvement before the rate drops
+    lr_factor: float = Field(0.1, gt=0, lt=1)  # the rate is multiplied by this on a plateau
     augment: bool = True
+    rotation_degrees: float = Field(30.0, ge=0, le=180)  # augmentation: up to ± this
     class_weights: bool = True
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     mixed_precision: bool = False
@@ -121,6 +140,25 @@ class TrainConfig(_Section):
     # order (tf.config.experimental.enable_op_determinism; cost measured in docs/training.md).
     deterministic: bool = True
     seed: int = 42
+
+    @field_validator("finetune_layers")
+    @classmethod
+    def _layers(cls, layers: int | str) -> int | str:
+        if layers == 0:
+            return "all"
+        if isinstance(layers, int) and layers < 0:
+            raise ValueError('must be "all" or a number of layers >= 1')
+        return layers
+
+    @model_validator(mode="after")
+    def _patience_outlasts_lr_drop(self) -> TrainConfig:
+        # a lowered learning rate needs epochs of its own before early stopping may end the run
+        if self.patience <= self.lr_patience:
+            raise ValueError(
+                f"patience ({self.patience}) must exceed lr_patience ({self.lr_patience}), "
+                "so a lowered learning rate gets epochs to work"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):

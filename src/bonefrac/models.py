@@ -79,8 +79,10 @@ def backbone_of(model):
 
 
 def set_phase(model, phase: str, cfg: TrainConfig) -> None:
-    """'head': backbone frozen. 'finetune': top `finetune_layers` layers of the backbone
-    trainable (0 = all), BatchNorm frozen when the backbone was pretrained."""
+    """'head': backbone frozen. 'finetune': the top `finetune_layers` layers of the backbone
+    trainable ("all": every layer), BatchNorm frozen when the backbone was pretrained (its
+    moving statistics stay those of the pretraining data, as the Keras fine-tuning guide
+    advises for small batches)."""
     import keras
 
     backbone = backbone_of(model)
@@ -89,7 +91,7 @@ def set_phase(model, phase: str, cfg: TrainConfig) -> None:
         return
     backbone.trainable = True
     layers = backbone.layers
-    cut = 0 if cfg.finetune_layers == 0 else max(0, len(layers) - cfg.finetune_layers)
+    cut = 0 if cfg.finetune_layers == "all" else max(0, len(layers) - cfg.finetune_layers)
     pretrained = getattr(model, "backbone_pretrained", True)
     for i, layer in enumerate(layers):
         trainable = i >= cut

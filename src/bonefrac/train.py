@@ -50,14 +50,16 @@ def task_data(cache: Cache, name: str, split: str, parts: list[str]) -> TaskData
     return TaskData(rows, labels.astype(np.float32)[:, None], labels, ["normal", "abnormal"])
 
 
-def augmenter(seed: int):
-    """Small, label-preserving changes: flip, rotation, zoom, brightness, contrast."""
+def augmenter(seed: int, rotation_degrees: float = 30.0):
+    """Label-preserving changes: lateral flip and rotation up to ±`rotation_degrees` (the MURA
+    baseline's augmentation), small zoom, brightness and contrast changes."""
     import keras
 
     return keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
+            # Keras expresses the angle as a fraction of a full turn
+            keras.layers.RandomRotation(rotation_degrees / 360, fill_mode="constant", seed=seed),
             keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
             keras.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
             keras.layers.RandomContrast(0.1, seed=seed),
@@ -74,6 +76,7 @@ def make_dataset(
     augment: bool = False,
     seed: int = 42,
     deterministic: bool = True,
+    rotation_degrees: float = 30.0,
 ):
     """rows -> images read from the memory-mapped cache (parallel map), cached in memory,
     shuffled and augmented for training only, batched, prefetched.
@@ -102,7 +105,7 @@ def make_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     if training and augment:
-        layers = augmenter(seed)
+        layers = augmenter(seed, rotation_degrees)
         ds = ds.map(
             lambda x, y: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), y),
             num_parallel_calls=None if deterministic else tf.data.AUTOTUNE,
@@ -133,6 +136,8 @@ class TrainResult:
     run_id: str | None = None
     model_uri: str | None = None  # the MLflow logged model (models:/m-...)
     val_metrics: dict[str, float] = field(default_factory=dict)
+    # one entry per phase that ran: name, epochs, learning rate, trainable weights/parameters
+    phases: list[dict] = field(default_factory=list)
 
 
 class _BestWeights:
@@ -203,8 +208,12 @@ def fit_model(
     cfg: TrainConfig,
     out_dir: Path,
     log_to_mlflow: bool = False,
+    callbacks: list | None = None,
 ) -> TrainResult:
-    """Train one model (two phases), keep the best weights, save `out_dir/model.keras`."""
+    """Train one model (two phases), keep the best weights, save `out_dir/model.keras`.
+
+    `callbacks`: extra Keras callbacks, given to every phase's `fit` (each phase is one fit
+    call, so `on_train_begin`/`on_train_end` mark the phase boundaries)."""
     import keras
     import tensorflow as tf
 
@@ -227,12 +236,19 @@ def fit_model(
     strategy = make_strategy(cfg.strategy)
     batch_size = cfg.batch_size * strategy.num_replicas_in_sync
     train_ds = make_dataset(
-        cache, train, batch_size, True, cfg.augment, cfg.seed, cfg.deterministic
+        cache,
+        train,
+        batch_size,
+        True,
+        cfg.augment,
+        cfg.seed,
+        cfg.deterministic,
+        cfg.rotation_degrees,
     )
     val_ds = make_dataset(cache, val, batch_size, False) if len(val.rows) else None
-    monitor_metric = "auc" if n_outputs == 1 else "accuracy"
+    monitor_metric = "loss" if cfg.monitor == "loss" else "auc" if n_outputs == 1 else "accuracy"
     monitor = f"val_{monitor_metric}" if val_ds is not None else "loss"
-    mode = "max" if val_ds is not None else "min"
+    mode = "min" if monitor.endswith("loss") else "max"
     weights = class_weights(train.labels, max(n_outputs, 2)) if cfg.class_weights else None
 
     with strategy.scope():
@@ -247,31 +263,42 @@ def fit_model(
     ]
     start = time.perf_counter()
     images_seen = 0
+    phase_log: list[dict] = []
     for phase, epochs, learning_rate in phases:
         if epochs <= 0:
             continue
         set_phase(model, phase, cfg)
         with strategy.scope():
             compile_model(model, n_outputs, learning_rate)
-        callbacks = [
+        phase_callbacks = [
             best,
             keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
             keras.callbacks.ReduceLROnPlateau(
-                monitor=monitor, mode=mode, factor=0.3, patience=max(1, cfg.patience - 1)
+                monitor=monitor, mode=mode, factor=cfg.lr_factor, patience=cfg.lr_patience
             ),
+            *(callbacks or []),
         ]
         if log_to_mlflow:
-            callbacks.append(_MlflowEpochs.make(epoch_offset))
+            phase_callbacks.append(_MlflowEpochs.make(epoch_offset))
         fitted = model.fit(
             train_ds,
             validation_data=val_ds,
             shuffle=False,
             epochs=epochs,
             class_weight=weights,
-            callbacks=callbacks,
+            callbacks=phase_callbacks,
             verbose=2,
         )
         ran = len(fitted.history.get("loss", []))
+        phase_log.append(
+            {
+                "phase": phase,
+                "epochs": ran,
+                "learning_rate": learning_rate,
+                "trainable_weights": len(model.trainable_weights),
+                "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+            }
+        )
         images_seen += ran * len(train.rows)
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
@@ -299,6 +326,8 @@ def fit_model(
         "n_train": int(len(train.rows)),
         "n_val": int(len(val.rows)),
         "weights": cfg.weights,
+        "monitor": monitor,
+        "phases": phase_log,
         "val_metrics": val_metrics,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -310,6 +339,7 @@ def fit_model(
         seconds=seconds,
         images_per_second=images_seen / seconds if seconds else 0.0,
         val_metrics=val_metrics,
+        phases=phase_log,
     )
 
 
@@ -453,6 +483,14 @@ def _log_training_artifacts(result: TrainResult, folder: Path) -> None:
         plot = training_curves_plot(result.history, folder / "training_curves.png")
         mlflow.log_artifact(str(plot))
     mlflow.log_artifact(str(folder / "meta.json"))
+    # what each phase trained (e.g. trainable_weights_head: the head alone while frozen)
+    phases = {
+        f"{key}_{entry['phase']}": entry[key]
+        for entry in result.phases
+        for key in ("epochs", "trainable_weights", "trainable_params")
+    }
+    if phases:
+        mlflow.log_params(phases)
     mlflow.log_metrics(
         {
             "train_seconds": result.seconds,

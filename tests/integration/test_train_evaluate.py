@@ -105,6 +105,13 @@ def test_mlflow_holds_params_metrics_and_artifacts(trained):
         # every flattened setting is a param
         assert {k for k in flat} <= set(run.data.params)
         assert run.data.params["train.weights"] == "none"
+        # what each phase trained (quick profile: no head phase, every layer from scratch)
+        meta = json.loads((settings.layout.models / name / "meta.json").read_text())
+        assert [p["phase"] for p in meta["phases"]] == ["finetune"]
+        finetune = meta["phases"][0]
+        assert run.data.params["trainable_weights_finetune"] == str(finetune["trainable_weights"])
+        assert run.data.params["epochs_finetune"] == str(len(results[name].history["loss"]))
+        assert "trainable_weights_head" not in run.data.params
         # per-epoch curves
         epochs = results[name].history["loss"]
         assert len(client.get_metric_history(runs[name], "loss")) == len(epochs)

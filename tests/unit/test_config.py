@@ -21,7 +21,7 @@ def write_params(tmp_path: Path, content: dict) -> Path:
 def test_project_params_load_with_and_without_quick_profile(project_root):
     full = load_settings(project_root / "params.yaml", env={})
     quick = load_settings(project_root / "params.yaml", profile="quick", env={})
-    assert full.preprocess.image_size == 224 and full.train.weights == "imagenet"
+    assert full.preprocess.image_size == 320 and full.train.weights == "imagenet"
     assert quick.profile == "quick"
     assert quick.preprocess.image_size == 64 and quick.train.weights == "none"
     # a profile overrides only what it names
@@ -57,6 +57,8 @@ def test_relative_paths_resolve_against_params_folder(tmp_path):
         ({"preprocess": {"gaussian_kernel": 4}}, "preprocess.gaussian_kernel"),
         ({"data": {"parts": ["XR_KNEE"]}}, "data.parts"),
         ({"serve": {"port": 0}}, "serve.port"),
+        ({"train": {"finetune_layers": -3}}, "train.finetune_layers"),
+        ({"train": {"patience": 2, "lr_patience": 2}}, "must exceed lr_patience"),
     ],
 )
 def test_wrong_value_names_the_key_in_one_line(tmp_path, content, message):
@@ -65,6 +67,31 @@ def test_wrong_value_names_the_key_in_one_line(tmp_path, content, message):
         load_settings(params, env={})
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_default_recipe_is_the_documented_one(project_root):
+    """params.yaml's real-MURA settings and the code's defaults are one recipe (docs/recipe.md:
+    the MURA baseline's 320 px, batch 8, Adam 1e-4, rate /10 on a val-loss plateau, best
+    val-loss model, +-30 degree rotations, all layers fine-tuned); the quick profile keeps the
+    training behaviour it had before the recipe changed."""
+    from bonefrac.config import PreprocessConfig, TrainConfig
+
+    full = load_settings(project_root / "params.yaml", env={})
+    assert full.train == TrainConfig() and full.preprocess == PreprocessConfig()
+    recipe = full.train
+    assert (full.preprocess.image_size, recipe.batch_size, recipe.finetune_learning_rate) == (
+        320,
+        8,
+        1e-4,
+    )
+    assert (recipe.monitor, recipe.lr_factor, recipe.rotation_degrees) == ("loss", 0.1, 30)
+    assert recipe.finetune_layers == "all" and recipe.patience > recipe.lr_patience
+    quick = load_settings(project_root / "params.yaml", profile="quick", env={}).train
+    assert (quick.monitor, quick.lr_factor, quick.rotation_degrees) == ("metric", 0.3, 14.4)
+    assert (quick.patience, quick.lr_patience, quick.finetune_layers) == (2, 1, "all")
+    # 0 is how older params files wrote "every layer"
+    assert TrainConfig(finetune_layers=0).finetune_layers == "all"
+    assert TrainConfig(finetune_layers=10).finetune_layers == 10
 
 
 def test_unknown_profile_and_missing_file(tmp_path, project_root):
@@ -77,7 +104,7 @@ def test_unknown_profile_and_missing_file(tmp_path, project_root):
 def test_flat_view_and_section_hash(project_root):
     settings = load_settings(project_root / "params.yaml", env={})
     flat = settings.flat()
-    assert flat["train.batch_size"] == 32 and flat["data.parts"] == [
+    assert flat["train.batch_size"] == 8 and flat["data.parts"] == [
         "XR_ELBOW",
         "XR_HAND",
         "XR_SHOULDER",

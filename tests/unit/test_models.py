@@ -14,6 +14,8 @@ from bonefrac.config import TrainConfig
 from bonefrac.errors import UserError
 from bonefrac.models import resolve_weights
 
+from .tiny_cache import write_tiny_cache
+
 
 def test_weights_setting_is_checked_in_one_line(tmp_path):
     assert resolve_weights("imagenet") == "imagenet"
@@ -56,36 +58,11 @@ def test_local_weights_file_for_air_gapped_sites(tmp_path):
     np.testing.assert_allclose(np.asarray(body(x)).sum(axis=1), 1.0, rtol=1e-5)
 
 
-def _write_tiny_cache(folder, seed: int, size: int = 32, n: int = 24) -> None:
-    """A preprocessed cache as the preprocess stage writes it: n random size-px images of one
-    part, 16 train and the rest val, labels alternating."""
-    import pandas as pd
-
-    rng = np.random.default_rng(seed)
-    np.save(folder / "images.npy", rng.integers(0, 255, (n, size, size), dtype=np.uint8))
-    rows = [
-        {
-            "path": f"p{i}",
-            "split": "train" if i < 16 else "val",
-            "part": "XR_HAND",
-            "body_part": "hand",
-            "patient_id": f"patient{i}",
-            "study_id": f"s{i}",
-            "study_path": f"s{i}/",
-            "view": 1,
-            "label": i % 2,
-        }
-        for i in range(n)
-    ]
-    pd.DataFrame(rows).to_csv(folder / "index.csv", index=False)
-    (folder / "meta.json").write_text(json.dumps({"image_size": size, "key": "t"}))
-
-
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     """MirroredStrategy, exercised on one CPU split into two logical devices (subprocess:
     the split must happen before TensorFlow initialises)."""
-    _write_tiny_cache(tmp_path, seed=0)
+    write_tiny_cache(tmp_path, seed=0)
     script = textwrap.dedent(f"""
         import json, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -120,7 +97,7 @@ def test_training_is_reproducible_on_one_machine(tmp_path):
     history, augmentation included (its random draws happen in a fixed order). Without it,
     thread timing changed which batch got which augmentation, and CI's learning tests
     passed or failed by chance (issue 10)."""
-    _write_tiny_cache(tmp_path, seed=1)
+    write_tiny_cache(tmp_path, seed=1)
     script = textwrap.dedent(f"""
         import hashlib, json, keras
         from pathlib import Path
