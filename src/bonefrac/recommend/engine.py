@@ -9,11 +9,14 @@ The knowledge file is validated at load; a bad entry stops the load with its pat
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
 import re
 import textwrap
 from collections.abc import Iterator, Mapping
+from datetime import date
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -27,6 +30,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from bonefrac import DISCLAIMER
@@ -45,11 +49,45 @@ DEFAULT_THRESHOLD = 0.5
 # p >= 0.8 or p <= 0.2. Model probabilities are only as trustworthy as their calibration.
 DEFAULT_HIGH_CONFIDENCE_MARGIN = 0.6
 REVIEW_ADVICE = "Have a radiologist review the images before acting on this result."
-
-# Guidance must never state a dose ("per local protocol" instead).
-_DOSE = re.compile(
-    r"\b\d+(?:[.,]\d+)?\s*(?:mg|mcg|µg|micrograms?|milligrams?|g|ml|units?|iu)\b", re.IGNORECASE
+DRAFT_NOTICE = (
+    "DRAFT CONTENT: not approved by a clinical reviewer; not for clinical use until a reviewer "
+    "signs it off."
 )
+# The model's finding in words: MURA's positive label is "abnormal", not "fracture".
+FINDING_LABELS = {
+    "fracture": "abnormality suspected (fracture, hardware, degenerative change, ...)",
+    "no_fracture": "no abnormality detected",
+    "uncertain": "uncertain",
+}
+
+# Guidance must never state a dose ("per local protocol" instead): a number, in digits or words,
+# followed by any unit in this explicit list.
+DOSE_UNITS = (
+    "mg", "milligrams?", "g", "grams?", "grammes?", "kg", "mcg", "µg", "ug", "micrograms?",
+    "ng", "nanograms?", "mmol", "millimoles?", "mol", "ml", "millilit(?:re|er)s?", "l",
+    "lit(?:re|er)s?", "units?", "iu", "international units?", "tablets?", "tabs?", "capsules?",
+    "caps?", "puffs?", "drops?", "sachets?", "ampoules?", "vials?", "doses?", "patch(?:es)?",
+    "sprays?", "suppositor(?:y|ies)", "mg/kg", "mcg/kg", "ml/kg",
+)  # fmt: skip
+_NUMBER_WORDS = (
+    "half", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "fifteen", "twenty", "thirty", "forty", "fifty", "hundred", "thousand",
+    "a single", "single", "double",
+)  # fmt: skip
+_NUMBER = r"(?:\d+(?:[.,]\d+)?|" + "|".join(_NUMBER_WORDS) + r")"
+_DOSE = re.compile(
+    rf"(?<![\w.]){_NUMBER}(?:\s*(?:-|to)\s*{_NUMBER})?(?:\s+an?)?\s*(?:{'|'.join(DOSE_UNITS)})(?!\w)",
+    re.IGNORECASE,
+)
+CONTENT_STATUSES = ("draft", "approved")
+
+
+def states_a_dose(text: str) -> bool:
+    """True when `text` gives a number (digits or words) with a dose unit: "1 gram", "10 mmol",
+    "two tablets", "500mg"."""
+    return _DOSE.search(text) is not None
+
+
 _Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
@@ -81,9 +119,13 @@ class Statement(_Frozen):
     @field_validator("text")
     @classmethod
     def _no_doses(cls, text: str) -> str:
-        if _DOSE.search(text):
-            raise ValueError("must not state a drug dose (say 'per local protocol')")
-        return text
+        return _no_dose(text)
+
+
+def _no_dose(text: str) -> str:
+    if states_a_dose(text):
+        raise ValueError("must not state a drug dose (say 'per local protocol')")
+    return text
 
 
 class UrgencyStatement(Statement):
@@ -95,6 +137,12 @@ class Entry(_Frozen):
 
     summary: _Text  # what the model result means, in words; not guidance, so not sourced
     urgency: UrgencyStatement
+
+    @field_validator("summary")
+    @classmethod
+    def _no_doses(cls, text: str) -> str:
+        return _no_dose(text)
+
     immediate_care: tuple[Statement, ...] = Field(min_length=1)
     further_imaging: tuple[Statement, ...] = Field(min_length=1)
     referral: Statement
@@ -121,9 +169,31 @@ class Parts(_Frozen):
     shoulder: PartGuidance
 
 
+class Governance(_Frozen):
+    """Who signed the content off, when, until when, and where it applies. Left empty (status
+    "draft") until a real clinical reviewer signs; bonefrac's authors never fill it in."""
+
+    status: Literal["draft", "approved"]
+    approver_role: str | None = None  # e.g. "Consultant in Emergency Medicine, <trust>"
+    approval_date: date | None = None
+    review_due: date | None = None
+    jurisdiction: _Text  # where the cited sources apply, e.g. "UK (NICE, BOAST, RCEM) + US (ACR)"
+
+    @model_validator(mode="after")
+    def _approved_is_signed(self) -> Governance:
+        signed = (self.approver_role, self.approval_date, self.review_due)
+        if self.status == "approved" and not all(signed):
+            raise ValueError("approved content needs approver_role, approval_date and review_due")
+        if self.approval_date and self.review_due and self.review_due <= self.approval_date:
+            raise ValueError("review_due must come after approval_date")
+        return self
+
+
 class Knowledge(_Frozen):
     content_version: _Text
     content_status: _Text
+    governance: Governance
+    detects: _Text  # what the model's "fracture" finding means (MURA's "abnormal" label)
     citations: dict[str, Citation] = Field(min_length=1)
     scope: Statement
     shared: dict[str, Statement] = Field(default_factory=dict)  # anchors for repeated statements
@@ -132,6 +202,55 @@ class Knowledge(_Frozen):
 
     def entry(self, part: str, finding: Finding, band: Band) -> Entry:
         return getattr(getattr(getattr(self.parts, part), finding), band)
+
+    def content_hash(self) -> str:
+        """SHA-256 of the content (not its layout or comments) minus the version itself: any
+        change to what a clinician could read changes it. CHANGELOG.md records it per version."""
+        content = self.model_dump(mode="json", exclude={"content_version"})
+        text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @property
+    def reviewed(self) -> bool:
+        return self.governance.status == "approved"
+
+
+_CHANGELOG_ENTRY = re.compile(r"^## (\S+)\s*\ncontent-sha256: ([0-9a-f]{64})\s*$", re.MULTILINE)
+
+
+def changelog_problem(kb: Knowledge, changelog: str) -> str | None:
+    """Why `changelog` (CHANGELOG.md next to knowledge.yaml) does not vouch for `kb`, or None.
+    Its newest entry must name kb's content_version with kb's content hash, and no version may
+    appear twice, so a content change without a version bump (and a new entry) is caught."""
+    entries = _CHANGELOG_ENTRY.findall(changelog)
+    versions = [version for version, _ in entries]
+    twice = sorted({v for v in versions if versions.count(v) > 1})
+    if twice:
+        return f"CHANGELOG.md lists version {twice[0]} twice"
+    digest = kb.content_hash()
+    if not entries or entries[0][0] != kb.content_version:
+        return (
+            f"content_version {kb.content_version} has no CHANGELOG.md entry: add '## "
+            f"{kb.content_version}' with 'content-sha256: {digest}' at the top"
+        )
+    if entries[0][1] != digest:
+        return (
+            f"the knowledge content changed but content_version is still {kb.content_version}: "
+            f"bump it and add a CHANGELOG.md entry with content-sha256: {digest}"
+        )
+    return None
+
+
+def require_reviewed(kb: Knowledge, allow_unreviewed: bool, source: str = "knowledge") -> None:
+    """The service's gate: refuse draft content unless the deployment explicitly allows it
+    (serve.allow_unreviewed, set by the quick/demo profile and the tests only)."""
+    if kb.reviewed or allow_unreviewed:
+        return
+    raise KnowledgeError(
+        f"{source}: content {kb.content_version} is a draft not approved by a clinical reviewer; "
+        "have it approved (governance in the knowledge file) or set serve.allow_unreviewed: true "
+        "for a demo"
+    )
 
 
 def _statements(node: Any, path: str) -> Iterator[tuple[str, Statement]]:
@@ -271,6 +390,10 @@ class Recommendation(_Frozen):
     content_version: str
     content_status: str
     disclaimer: str
+    # added in content 2026.11.1: what "fracture" means here, and the content's sign-off
+    detects: str = ""
+    content_reviewed: bool = False
+    governance: Governance | None = None
 
     def to_text(self, width: int = 100) -> str:
         """Plain text for the CLI: sections, numbered citations, sources, disclaimer."""
@@ -286,9 +409,9 @@ class Recommendation(_Frozen):
             return f"{statement.text} [{refs}]"
 
         part = self.body_part if self.body_part_covered else f"{self.body_part!r} (not covered)"
-        finding = self.finding.replace("_", " ")
+        finding = FINDING_LABELS[self.finding]
         if self.model_finding != self.finding:
-            finding += f" (model said {self.model_finding.replace('_', ' ')})"
+            finding += f" (model said {FINDING_LABELS[self.model_finding]})"
         lines = [
             para(
                 f"bonefrac recommendation: {part}, {finding} (probability "
@@ -298,6 +421,7 @@ class Recommendation(_Frozen):
             self.disclaimer,  # never wrapped, so it is always found whole
             "",
             para(self.summary),
+            para(f"What the model detects: {self.detects}"),
             "",
             para(f"Urgency: {self.urgency.level.upper()}. {cited(self.urgency)}", rest="  "),
         ]
@@ -322,6 +446,8 @@ class Recommendation(_Frozen):
             url = f" {source.url}" if source.url else ""
             lines.append(para(f"[{i}] {source.title}. {source.section}.{url}", "  ", "      "))
         lines += ["", para(f"Content version {self.content_version}. {self.content_status}")]
+        if not self.content_reviewed:
+            lines.append(DRAFT_NOTICE)  # never wrapped, so it is always found whole
         return "\n".join(lines) + "\n"
 
 
@@ -464,4 +590,7 @@ def recommend(
         content_version=kb.content_version,
         content_status=kb.content_status,
         disclaimer=DISCLAIMER,
+        detects=kb.detects,
+        content_reviewed=kb.reviewed,
+        governance=kb.governance,
     )
