@@ -274,16 +274,34 @@ def evaluate_command(ctx: click.Context) -> None:
 )
 @click.option("--ood", is_flag=True, help="The image was flagged out of distribution.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (as the service returns it).")
+@click.option(
+    "--knowledge",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A hospital's own knowledge YAML (same schema; default: serve.knowledge, else the "
+    "packaged one).",
+)
+@click.pass_context
 def recommend_command(
-    part: str, finding: str, probability: float, threshold: float, ood: bool, as_json: bool
+    ctx: click.Context,
+    part: str,
+    finding: str,
+    probability: float,
+    threshold: float,
+    ood: bool,
+    as_json: bool,
+    knowledge: Path | None,
 ) -> None:
     """Print the sourced treatment recommendation for a model result (decision support for
     clinicians; not a diagnosis)."""
     import json
 
-    from bonefrac.recommend import recommend
+    from bonefrac.recommend import load_knowledge, recommend
 
-    result = recommend(part, finding, probability, {"ood": ood}, threshold=threshold)
+    if knowledge is None:
+        knowledge = _settings(ctx).serve.knowledge
+    kb = load_knowledge(knowledge)
+    result = recommend(part, finding, probability, {"ood": ood}, threshold=threshold, knowledge=kb)
     text = json.dumps(result.model_dump(mode="json"), indent=2) if as_json else result.to_text()
     click.echo(text, nl=as_json)
 
@@ -427,6 +445,11 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
     from bonefrac.config import find_params
 
     settings = _settings(ctx)
+    from bonefrac.recommend.engine import load_knowledge, require_reviewed
+
+    # the guidance the service will serve: validated and approved (or allowed) before it starts
+    knowledge = settings.serve.knowledge
+    require_reviewed(load_knowledge(knowledge), settings.serve.allow_unreviewed, "serve")
     if bundle is not None:
         from bonefrac.bundle import save_to_bentoml
         from bonefrac.data.mura import body_part_name
@@ -437,9 +460,12 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
     else:
         _stored_bundle()  # one line now rather than a traceback from the server
     env = dict(os.environ)
-    params = (ctx.find_root().obj or {}).get("params") or find_params()
+    root = ctx.find_root().obj or {}
+    params = root.get("params") or find_params()
     if params:
         env["BONEFRAC_PARAMS"] = str(Path(params).resolve())  # the service reads serve.* there
+    if root.get("profile"):
+        env["BONEFRAC_PROFILE"] = root["profile"]  # so the service sees --profile's serve.*
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     host, port = host or settings.serve.host, port or settings.serve.port

@@ -41,6 +41,7 @@ ENV_OVERRIDES = {
     "BONEFRAC_ARTIFACTS": ("paths", "artifacts"),
     "MLFLOW_TRACKING_URI": ("tracking", "tracking_uri"),
     "MLFLOW_EXPERIMENT_NAME": ("tracking", "experiment"),
+    "BONEFRAC_KNOWLEDGE": ("serve", "knowledge"),  # a hospital's own treatment-guidance YAML
 }
 
 
@@ -205,6 +206,10 @@ class ServeConfig(_Section):
     min_side: int = Field(32, ge=1)
     ood_gate: bool = True
     body_timeout_s: float = Field(30, gt=0)  # an upload body must arrive within this
+    # Treatment guidance: a hospital's own validated knowledge YAML (None = the packaged one),
+    # and whether draft (clinically unreviewed) content may be served (demo/tests only).
+    knowledge: Path | None = None
+    allow_unreviewed: bool = False
 
 
 class Layout(BaseModel):
@@ -372,4 +377,8 @@ def load_settings(
         name: value if value.is_absolute() else base_dir / value
         for name, value in settings.paths.model_dump().items()
     }
-    return settings.model_copy(update={"paths": PathsConfig(**paths)})
+    update: dict[str, Any] = {"paths": PathsConfig(**paths)}
+    knowledge = settings.serve.knowledge
+    if knowledge is not None and not knowledge.is_absolute():  # relative to params.yaml too
+        update["serve"] = settings.serve.model_copy(update={"knowledge": base_dir / knowledge})
+    return settings.model_copy(update=update)

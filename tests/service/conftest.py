@@ -159,6 +159,7 @@ def server(tmp_path_factory, bundle_dir, project_root):
     params = home / "params.yaml"
     params.write_text(
         f"serve:\n  max_upload_mb: {MAX_UPLOAD_MB}\n  body_timeout_s: {BODY_TIMEOUT_S}\n"
+        "  allow_unreviewed: true\n"  # the packaged guidance is a draft
     )
     port = _free_port()
     log = home / "server.log"

@@ -76,10 +76,19 @@ def test_upload_shows_part_finding_recommendation_and_disclaimer(browser, server
     assert any(part in body_part for part in PARTS)
     finding = result.find_element(By.CSS_SELECTOR, "[data-field=finding] .badge")
     assert finding.get_attribute("data-finding") in {"fracture", "no_fracture", "uncertain"}
+    labels = {
+        "fracture": "Abnormality suspected (fracture, hardware, degenerative change, …)",
+        "no_fracture": "No abnormality detected",
+        "uncertain": "Uncertain",
+    }
+    assert finding.text.strip() == labels[finding.get_attribute("data-finding")]
     assert result.find_element(By.CSS_SELECTOR, ".bar[role=meter]").get_attribute("aria-valuenow")
     recommendation = result.find_element(By.CSS_SELECTOR, "section.recommendation")
     assert recommendation.find_element(By.CSS_SELECTOR, ".urgency").text.strip()
     assert recommendation.find_elements(By.CSS_SELECTOR, "ol.sources li")
+    draft = recommendation.find_element(By.CSS_SELECTOR, "[data-field=draft]")  # draft allowed
+    assert draft.is_displayed() and "DRAFT" in draft.text
+    assert "What the model detects" in recommendation.text
     assert result.find_element(By.CSS_SELECTOR, "figure.xray img").get_attribute("src")
     assert "SYNTHETIC" in result.text
     assert DISCLAIMER in browser.find_element(By.ID, "disclaimer").text

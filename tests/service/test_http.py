@@ -54,6 +54,9 @@ def test_predict_with_the_bentoml_client(server, good_png):
     assert result["body_part"]["label"] in PARTS
     assert result["fracture"]["finding"] in {"fracture", "no_fracture", "uncertain"}
     assert result["recommendation"]["sources"] and result["disclaimer"] == DISCLAIMER
+    rec = result["recommendation"]  # draft guidance, allowed by the test server's params
+    assert rec["content_reviewed"] is False and rec["governance"]["status"] == "draft"
+    assert "hardware" in rec["detects"]
     assert result["heatmap"] and result["synthetic_models"] is True
     assert study["level"] == "study" and len(study["images"]) == 2
 

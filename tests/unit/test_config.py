@@ -110,6 +110,7 @@ def test_flat_view_and_section_hash(project_root):
         "XR_SHOULDER",
     ]
     quick = load_settings(project_root / "params.yaml", profile="quick", env={})
-    assert settings.section_hash("serve") == quick.section_hash("serve")
+    assert settings.section_hash("registry") == quick.section_hash("registry")
+    assert settings.section_hash("serve") != quick.section_hash("serve")  # allow_unreviewed
     assert settings.section_hash("data") != quick.section_hash("data")
     assert settings.section_hash("train") != quick.section_hash("train")

@@ -21,9 +21,9 @@ from bonefrac.recommend import (
     load_knowledge,
     recommend,
 )
-from bonefrac.recommend.engine import BANDS, FINDINGS, PARTS, REVIEW_ADVICE
+from bonefrac.recommend.engine import BANDS, FINDINGS, PARTS, REVIEW_ADVICE, states_a_dose
 
-SNAPSHOT = Path(__file__).parent / "snapshots" / "recommend_elbow_fracture_0.93.txt"
+SNAPSHOTS = Path(__file__).parent / "snapshots" / "recommend"
 REVIEW_SENTENCE = "have a radiologist review the images"
 # A probability that is consistent with the finding and falls in the band (threshold 0.5).
 PROBABILITY = {
@@ -166,6 +166,7 @@ def test_no_statement_states_a_drug_dose():
     dumped = json.dumps(kb.model_dump(mode="json")).lower()
     for unit in (" mg", "mg ", " mcg", " ml "):
         assert unit not in dumped
+    assert not states_a_dose(dumped)
 
 
 # -- bad arguments -------------------------------------------------------------------------
@@ -294,13 +295,30 @@ def test_packaged_knowledge_is_cached():
 # -- snapshot ------------------------------------------------------------------------------
 
 
-def test_snapshot_of_rendered_recommendation():
-    """Set BONEFRAC_UPDATE_SNAPSHOTS=1 to rewrite after an intended content change."""
-    text = recommend("elbow", "fracture", 0.93).to_text()
+ENTRIES = [(p, f, b) for p in PARTS for f in FINDINGS for b in BANDS] + [("generic", None, None)]
+
+
+def _entry_text(part, finding, band) -> str:
+    if part == "generic":
+        return recommend("wrist", "fracture", 0.93).to_text()
+    return recommend(part, finding, PROBABILITY[finding, band], band=band).to_text()
+
+
+@pytest.mark.parametrize(("part", "finding", "band"), ENTRIES)
+def test_snapshot_of_every_entry(part, finding, band):
+    """Every entry's rendered text (all 19). Set BONEFRAC_UPDATE_SNAPSHOTS=1 to rewrite after an
+    intended content change, and review the diff."""
+    name = "_".join(x for x in (part, finding, band) if x) + ".txt"
+    text = _entry_text(part, finding, band)
     if os.environ.get("BONEFRAC_UPDATE_SNAPSHOTS") == "1":
-        SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
-        SNAPSHOT.write_text(text, encoding="utf-8")
-    assert text == SNAPSHOT.read_text(encoding="utf-8")
+        SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+        (SNAPSHOTS / name).write_text(text, encoding="utf-8")
+    assert text == (SNAPSHOTS / name).read_text(encoding="utf-8")
+
+
+def test_snapshots_are_exactly_the_entries():
+    expected = {"_".join(x for x in e if x) + ".txt" for e in ENTRIES}
+    assert {p.name for p in SNAPSHOTS.glob("*.txt")} == expected and len(expected) == 19
 
 
 # -- CLI -----------------------------------------------------------------------------------

@@ -4,40 +4,39 @@
 and returns a frozen `Recommendation`. It never makes the guidance more certain than the model:
 an uncertain finding, a low-confidence probability, an out-of-distribution image, a one-image
 study or a body part the model does not cover all add "have a radiologist review the images".
-The knowledge file is validated at load; a bad entry stops the load with its path.
+The knowledge file and its governance live in `bonefrac.recommend.schema`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import re
 import textwrap
-from collections.abc import Iterator, Mapping
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-    field_validator,
-)
+from pydantic import Field, ValidationError
 
 from bonefrac import DISCLAIMER
 from bonefrac.errors import UserError
-
-Finding = Literal["fracture", "no_fracture", "uncertain"]
-Band = Literal["high", "low"]
-Urgency = Literal["emergency", "urgent", "soon", "routine"]
-FINDINGS: tuple[Finding, ...] = ("fracture", "no_fracture", "uncertain")
-BANDS: tuple[Band, ...] = ("high", "low")
-PARTS = ("elbow", "hand", "shoulder")
+from bonefrac.recommend.schema import (  # noqa: F401 - re-exported for callers and tests
+    BANDS,
+    FINDINGS,
+    PARTS,
+    Band,
+    Finding,
+    Governance,
+    Knowledge,
+    KnowledgeError,
+    Statement,
+    UrgencyStatement,
+    _describe,
+    _Frozen,
+    changelog_problem,
+    load_knowledge,
+    require_reviewed,
+    states_a_dose,
+)
 
 DEFAULT_THRESHOLD = 0.5
 # A probability is "high" confidence when it lies at least this fraction of the way from the
@@ -45,187 +44,18 @@ DEFAULT_THRESHOLD = 0.5
 # p >= 0.8 or p <= 0.2. Model probabilities are only as trustworthy as their calibration.
 DEFAULT_HIGH_CONFIDENCE_MARGIN = 0.6
 REVIEW_ADVICE = "Have a radiologist review the images before acting on this result."
-
-# Guidance must never state a dose ("per local protocol" instead).
-_DOSE = re.compile(
-    r"\b\d+(?:[.,]\d+)?\s*(?:mg|mcg|µg|micrograms?|milligrams?|g|ml|units?|iu)\b", re.IGNORECASE
+DRAFT_NOTICE = (
+    "DRAFT CONTENT: not approved by a clinical reviewer; not for clinical use until a reviewer "
+    "signs it off."
 )
-_Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# The model's finding in words: MURA's positive label is "abnormal", not "fracture".
+FINDING_LABELS = {
+    "fracture": "abnormality suspected (fracture, hardware, degenerative change, ...)",
+    "no_fracture": "no abnormality detected",
+    "uncertain": "uncertain",
+}
 
-
-class KnowledgeError(UserError):
-    """knowledge.yaml (or a file passed to load_knowledge) is missing, unreadable or invalid."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-# -- knowledge file schema -----------------------------------------------------------------
-
-
-class Citation(_Frozen):
-    """A cited document, by name and the topic/section that supports the statements."""
-
-    title: _Text
-    section: _Text
-    url: str | None = Field(None, pattern=r"^https://\S+$")
-
-
-class Statement(_Frozen):
-    """One piece of guidance and the ids of the citations that support it."""
-
-    text: _Text
-    sources: tuple[_Text, ...] = Field(min_length=1)
-
-    @field_validator("text")
-    @classmethod
-    def _no_doses(cls, text: str) -> str:
-        if _DOSE.search(text):
-            raise ValueError("must not state a drug dose (say 'per local protocol')")
-        return text
-
-
-class UrgencyStatement(Statement):
-    level: Urgency
-
-
-class Entry(_Frozen):
-    """The guidance for one body part x finding x confidence band."""
-
-    summary: _Text  # what the model result means, in words; not guidance, so not sourced
-    urgency: UrgencyStatement
-    immediate_care: tuple[Statement, ...] = Field(min_length=1)
-    further_imaging: tuple[Statement, ...] = Field(min_length=1)
-    referral: Statement
-    red_flags: tuple[Statement, ...] = Field(min_length=1)
-    follow_up: Statement
-    radiologist_review: bool
-
-
-class Bands(_Frozen):
-    high: Entry
-    low: Entry
-
-
-class PartGuidance(_Frozen):
-    standard_views: Statement  # the views a study needs; added when it has a single image
-    fracture: Bands
-    no_fracture: Bands
-    uncertain: Bands
-
-
-class Parts(_Frozen):
-    elbow: PartGuidance
-    hand: PartGuidance
-    shoulder: PartGuidance
-
-
-class Knowledge(_Frozen):
-    content_version: _Text
-    content_status: _Text
-    citations: dict[str, Citation] = Field(min_length=1)
-    scope: Statement
-    shared: dict[str, Statement] = Field(default_factory=dict)  # anchors for repeated statements
-    generic: Entry  # body part not covered by the model: clinical assessment + radiologist
-    parts: Parts
-
-    def entry(self, part: str, finding: Finding, band: Band) -> Entry:
-        return getattr(getattr(getattr(self.parts, part), finding), band)
-
-
-def _statements(node: Any, path: str) -> Iterator[tuple[str, Statement]]:
-    if isinstance(node, Statement):
-        yield path, node
-    elif isinstance(node, tuple):
-        for i, item in enumerate(node):
-            yield from _statements(item, f"{path}.{i}")
-    elif isinstance(node, BaseModel) and not isinstance(node, Citation):
-        for name in type(node).model_fields:
-            yield from _statements(getattr(node, name), f"{path}.{name}" if path else name)
-
-
-def _cross_check(kb: Knowledge) -> list[str]:
-    """Checks pydantic cannot do per field: citation ids exist; review flags are set."""
-    problems = []
-    for path, statement in _statements(kb, ""):
-        for i, source in enumerate(statement.sources):
-            if source not in kb.citations:
-                problems.append(f"{path}.sources.{i}: unknown citation {source!r}")
-    must_review = [("generic", kb.generic)]
-    for part in PARTS:
-        for finding in FINDINGS:
-            for band in BANDS:
-                if finding == "uncertain" or band == "low":
-                    entry = kb.entry(part, finding, band)
-                    must_review.append((f"parts.{part}.{finding}.{band}", entry))
-    for path, entry in must_review:
-        if not entry.radiologist_review:
-            problems.append(f"{path}.radiologist_review: must be true for uncertain guidance")
-    return problems
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    path = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    kind = error["type"]
-    if kind == "missing":
-        message = "is missing"
-    elif kind == "extra_forbidden":
-        message = "unknown key"
-    elif kind in ("too_short", "string_too_short"):
-        message = "must not be empty"
-    elif kind == "value_error":
-        message = str(error["ctx"]["error"])
-    else:
-        message = error["msg"][0].lower() + error["msg"][1:]
-    return f"{path}: {message}"
-
-
-def _fail(source: str, problems: list[str]) -> KnowledgeError:
-    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return KnowledgeError(f"{source}: " + "; ".join(problems[:3]) + more)
-
-
-def _parse(text: str, source: str) -> Knowledge:
-    try:
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        raise KnowledgeError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise KnowledgeError(f"{source}: must be a mapping with content_version, parts, ...")
-    try:
-        kb = Knowledge.model_validate(raw)
-    except ValidationError as exc:
-        raise _fail(source, [_describe(e) for e in exc.errors()]) from None
-    problems = _cross_check(kb)
-    if problems:
-        raise _fail(source, problems)
-    return kb
-
-
-@lru_cache(maxsize=1)
-def _packaged_knowledge() -> Knowledge:
-    text = resources.files("bonefrac.recommend").joinpath("knowledge.yaml").read_text("utf-8")
-    return _parse(text, "knowledge.yaml")
-
-
-def load_knowledge(path: Path | str | None = None) -> Knowledge:
-    """The validated knowledge base: the packaged knowledge.yaml (cached), or the file at `path`.
-
-    Raises KnowledgeError naming the bad entry, e.g.
-    `knowledge.yaml: parts.elbow.fracture.high.referral.sources: must not be empty`.
-    """
-    if path is None:
-        return _packaged_knowledge()
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KnowledgeError(
-            f"{path} cannot be read ({exc.strerror}): pass the path of a knowledge YAML file"
-        ) from None
-    return _parse(text, str(path))
-
+# Guidance must never state a dose ("per local protocol" instead): a number, in digits or words,
 
 # -- engine ----------------------------------------------------------------------------------
 
@@ -271,6 +101,10 @@ class Recommendation(_Frozen):
     content_version: str
     content_status: str
     disclaimer: str
+    # added in content 2026.11.1: what "fracture" means here, and the content's sign-off
+    detects: str = ""
+    content_reviewed: bool = False
+    governance: Governance | None = None
 
     def to_text(self, width: int = 100) -> str:
         """Plain text for the CLI: sections, numbered citations, sources, disclaimer."""
@@ -286,9 +120,9 @@ class Recommendation(_Frozen):
             return f"{statement.text} [{refs}]"
 
         part = self.body_part if self.body_part_covered else f"{self.body_part!r} (not covered)"
-        finding = self.finding.replace("_", " ")
+        finding = FINDING_LABELS[self.finding]
         if self.model_finding != self.finding:
-            finding += f" (model said {self.model_finding.replace('_', ' ')})"
+            finding += f" (model said {FINDING_LABELS[self.model_finding]})"
         lines = [
             para(
                 f"bonefrac recommendation: {part}, {finding} (probability "
@@ -298,6 +132,7 @@ class Recommendation(_Frozen):
             self.disclaimer,  # never wrapped, so it is always found whole
             "",
             para(self.summary),
+            para(f"What the model detects: {self.detects}"),
             "",
             para(f"Urgency: {self.urgency.level.upper()}. {cited(self.urgency)}", rest="  "),
         ]
@@ -322,6 +157,8 @@ class Recommendation(_Frozen):
             url = f" {source.url}" if source.url else ""
             lines.append(para(f"[{i}] {source.title}. {source.section}.{url}", "  ", "      "))
         lines += ["", para(f"Content version {self.content_version}. {self.content_status}")]
+        if not self.content_reviewed:
+            lines.append(DRAFT_NOTICE)  # never wrapped, so it is always found whole
         return "\n".join(lines) + "\n"
 
 
@@ -464,4 +301,7 @@ def recommend(
         content_version=kb.content_version,
         content_status=kb.content_status,
         disclaimer=DISCLAIMER,
+        detects=kb.detects,
+        content_reviewed=kb.reviewed,
+        governance=kb.governance,
     )

@@ -38,7 +38,7 @@ from bonefrac.inference import (
     route,
 )
 from bonefrac.models import BODY_PART_MODEL
-from bonefrac.recommend import recommend
+from bonefrac.recommend import load_knowledge, recommend
 
 API_VERSION = "2"  # the response schema; every response carries it as `api_version`
 MAX_STUDY_IMAGES = 8
@@ -112,6 +112,7 @@ class Predictor:
             points=operating_points(manifest),
         )
         self._gradcams: dict[str, Any] = {}
+        self.knowledge = load_knowledge(serve.knowledge)  # validated now, not per request
         self.synthetic = bool(manifest.get("synthetic", False))
         self.versions = {
             "bundle": source,
@@ -330,6 +331,7 @@ class Predictor:
                 fracture["probability"],
                 context,
                 threshold=fracture["threshold"],
+                knowledge=self.knowledge,
             )
         except UserError as exc:  # the bundle's operating point, not the request: a 5xx
             raise RuntimeError(

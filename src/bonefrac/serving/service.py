@@ -36,6 +36,7 @@ from bonefrac import DISCLAIMER
 from bonefrac.config import ServeConfig
 from bonefrac.errors import UserError
 from bonefrac.imaging import ImageError
+from bonefrac.recommend.engine import require_reviewed
 from bonefrac.serving import uploads
 from bonefrac.serving.uploads import ERROR_HEADER
 
@@ -181,6 +182,8 @@ class BonefracService:
         self.predictor = Predictor.from_bundle(
             Path(stored.path), self.settings, source=str(stored.tag)
         )
+        # Draft (clinically unreviewed) guidance is refused unless serve.allow_unreviewed.
+        require_reviewed(self.predictor.knowledge, self.settings.allow_unreviewed)
 
     @bentoml.api(route="/predict")
     def predict(self, image: Path, explain: bool = False, allow_ood: bool = False) -> dict:

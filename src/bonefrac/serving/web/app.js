@@ -16,8 +16,9 @@
   let objectUrls = [];
 
   const FINDINGS = {
-    fracture: { label: "Fracture suspected", css: "fracture" },
-    no_fracture: { label: "No fracture detected", css: "no-fracture" },
+    // The model detects MURA's "abnormal" label, not fractures as such (the API keeps its keys).
+    fracture: { label: "Abnormality suspected (fracture, hardware, degenerative change, …)", css: "fracture" },
+    no_fracture: { label: "No abnormality detected", css: "no-fracture" },
     uncertain: { label: "Uncertain", css: "uncertain" },
   };
 
@@ -246,7 +247,7 @@
         ` (${percent(partProb)})`,
         part.confident ? null : el("span", { class: "badge finding-uncertain small", text: "uncertain" }),
       ),
-      el("dt", { text: study ? "Fracture probability (mean of images)" : "Fracture probability" }),
+      el("dt", { text: study ? "Abnormality probability (mean of images)" : "Abnormality probability" }),
       el("dd", {}, probabilityBar(data.fracture)),
       el("dt", { text: "Finding" }),
       el("dd", { "data-field": "finding" }, findingBadge(data.fracture.finding)),
@@ -341,7 +342,18 @@
         cite(rec.urgency),
       ),
       el("p", { class: "rec-summary", text: rec.summary }),
+      rec.detects ? el("p", { class: "muted small detects", text: `What the model detects: ${rec.detects}` }) : null,
     );
+    if (rec.content_reviewed === false) {
+      section.prepend(
+        el(
+          "p",
+          { class: "draft-banner", role: "note", "data-field": "draft" },
+          el("strong", { text: "DRAFT guidance: " }),
+          "not approved by a clinical reviewer; not for clinical use until a reviewer signs it off.",
+        ),
+      );
+    }
     if (rec.review_by_radiologist) {
       section.append(
         el(
