@@ -88,7 +88,7 @@ def test_default_recipe_is_the_documented_one(project_root):
     assert recipe.finetune_layers == "all" and recipe.patience > recipe.lr_patience
     quick = load_settings(project_root / "params.yaml", profile="quick", env={}).train
     assert (quick.monitor, quick.lr_factor, quick.rotation_degrees) == ("metric", 0.3, 14.4)
-    assert (quick.patience, quick.lr_patience, quick.finetune_layers) == (2, 1, "all")
+    assert (quick.patience, quick.lr_patience, quick.finetune_layers) == (4, 3, "all")
     # 0 is how older params files wrote "every layer"
     assert TrainConfig(finetune_layers=0).finetune_layers == "all"
     assert TrainConfig(finetune_layers=10).finetune_layers == 10
