@@ -54,7 +54,9 @@ def predict(model, images: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray
 
     forward = getattr(model, "_bonefrac_forward", None)
     if forward is None:
-        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        # one trace per model: any batch size, the cache's image size (N, S, S) -> (N, S, S, 3)
+        spec = tf.TensorSpec((None, *np.shape(images)[1:], 3), tf.float32)
+        forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         model._bonefrac_forward = forward
     outputs = []
     for start in range(0, len(images), batch):
@@ -310,6 +312,7 @@ def _log_to_mlflow(
             mlflow.log_metrics({f"test_{k}": v for k, v in flat.items()})
             mlflow.log_artifacts(str(folder / part), artifact_path="evaluation")
     with mlflow.start_run(run_id=runs["parent"]):
+        tracking.log_data_input(settings, "evaluation")  # the end-to-end test numbers' data
         mlflow.log_metrics(
             {f"end_to_end_{k}": v for k, v in _flatten(results["end_to_end"]).items()}
         )
