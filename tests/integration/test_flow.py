@@ -290,8 +290,10 @@ QUIET_RUN = """
 from bonefrac.console import quiet_tools
 
 quiet_tools()  # what every `bonefrac` command does first
-import tensorflow
+import tensorflow as tf
 from prefect import flow
+
+tf.constant(1.0) + 1.0  # TensorFlow's first op: its CPU-feature INFO line would print here
 
 
 @flow
