@@ -332,7 +332,7 @@ def retrain(
         raise
     from bonefrac import tracking
 
-    tracking.configure(settings)
+    experiment_id = tracking.configure(settings)
     with mlflow.start_run(run_id=parent_run_id):
         mlflow.set_tags(
             {
@@ -354,6 +354,7 @@ def retrain(
     _report(data_version, drift, pca, metrics, decisions, packaged, synthetic)
     summary = {
         "parent_run_id": parent_run_id,
+        "experiment_id": experiment_id,
         "data_version": data_version["md5"],
         "data_unchanged": data_version.get("unchanged", False),
         "drift": drift,

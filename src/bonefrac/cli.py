@@ -326,7 +326,8 @@ def pipeline_command(ctx: click.Context, data: Path | None) -> None:
     )
     from bonefrac.console import where_to_look
 
-    click.echo(where_to_look(settings, summary.get("validation_report")))
+    report, experiment = summary.get("validation_report"), summary.get("experiment_id")
+    click.echo(where_to_look(settings, report, experiment))
 
 
 @cli.command("ui")
@@ -339,13 +340,15 @@ def ui_command(ctx: click.Context, port: int, print_command: bool) -> None:
     import os
     import shlex
 
-    from bonefrac.tracking import mlflow_ui_command, mlflow_ui_url
+    from bonefrac.tracking import experiment_id, mlflow_ui_command, mlflow_ui_url
 
-    command = mlflow_ui_command(_settings(ctx), port)
+    settings = _settings(ctx)
+    command = mlflow_ui_command(settings, port)
     if print_command:
         click.echo(shlex.join(command))
         return
-    click.echo(f"MLflow UI on {mlflow_ui_url(port)} (Ctrl-C stops it)")
+    url = mlflow_ui_url(port, experiment_id(settings))
+    click.echo(f"MLflow UI: open {url} once it has started (Ctrl-C stops it)")
     sys.stdout.flush()
     os.execv(command[0], command)  # become the server: Ctrl-C and SIGTERM reach it
 

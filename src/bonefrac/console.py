@@ -130,7 +130,9 @@ def page_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
-def where_to_look(settings: Settings, validation_report: str | None = None) -> str:
+def where_to_look(
+    settings: Settings, validation_report: str | None = None, experiment_id: str | None = None
+) -> str:
     """The closing lines of `bonefrac pipeline`: the page, the MLflow UI, the GX Data Docs and
     the evaluation report, with the paths this run wrote."""
     from bonefrac.tracking import mlflow_ui_url
@@ -138,10 +140,11 @@ def where_to_look(settings: Settings, validation_report: str | None = None) -> s
     layout = settings.layout
     docs = Path(validation_report) if validation_report else layout.validation
     page = page_url(settings.serve.host, settings.serve.port)
+    runs = mlflow_ui_url(experiment_id=experiment_id)  # opens on the training runs
     lines = [
         "where to look:",
         f"  page        {page}  (`bonefrac serve` starts it; `make demo` does so next)",
-        f"  MLflow UI   `make ui` (or `bonefrac ui`), then {mlflow_ui_url()}",
+        f"  MLflow UI   `make ui` (or `bonefrac ui`), then {runs}",
         f"  data docs   {docs.resolve()}  (Great Expectations)",
         f"  evaluation  {(layout.evaluation / 'comparison.md').resolve()}  "
         "(reports, plots and model cards beside it)",

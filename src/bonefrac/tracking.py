@@ -16,8 +16,9 @@ from bonefrac.errors import DataError
 
 RUN_FILE = "runs.json"  # in the models folder: parent and per-model MLflow run ids
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces); this value
-# ("Machine learning" in the UI) opens it on its runs.
+# MLflow 3's experiment kind ("Machine learning" in the UI, not "GenAI apps & agents"). MLflow
+# 3.17's UI opens experiments by its own workflow switch instead (kept in the browser, GenAI
+# by default), so the UI address we print also says `workflowType=machine_learning`.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MLFLOW_UI_PORT = 5000
@@ -88,8 +89,23 @@ def mlflow_ui_command(settings: Settings, port: int = MLFLOW_UI_PORT) -> list[st
     ]
 
 
-def mlflow_ui_url(port: int = MLFLOW_UI_PORT) -> str:
-    return f"http://127.0.0.1:{port}/"
+def mlflow_ui_url(port: int = MLFLOW_UI_PORT, experiment_id: str | None = None) -> str:
+    """The UI's address; with an experiment, its training runs (not the GenAI overview)."""
+    url = f"http://127.0.0.1:{port}/"
+    if experiment_id is not None:
+        url += f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url
+
+
+def experiment_id(settings: Settings) -> str | None:
+    """The configured experiment's id in the store, or None before the first run."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri(settings)).get_experiment_by_name(
+        settings.tracking.experiment
+    )
+    return None if experiment is None else experiment.experiment_id
 
 
 def log_data_input(settings: Settings, context: str, cache_key: str | None = None) -> None:

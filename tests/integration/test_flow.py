@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import bentoml
 import pytest
@@ -242,45 +244,89 @@ def _get_json(url: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def test_make_ui_starts_the_mlflow_ui_on_the_projects_store(pipeline_run):
+@contextmanager
+def headless_chromium(profile):
+    """Debian's Chromium, headless, through Selenium (as tests/service/test_browser.py)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not go online
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")  # fresh: the UI's GenAI default
+    driver = webdriver.Chrome(
+        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
+        options=options,
+    )
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.browser
+def test_make_ui_opens_the_experiment_on_its_training_runs(pipeline_run, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
     project, _, summary = pipeline_run
     make = run(project, "make", "-n", "ui").stdout
-    assert ".venv/bin/bonefrac ui" in make.splitlines()[-1]  # what `make ui` runs
+    assert make.splitlines()[-1] == ".venv/bin/bonefrac ui"  # what `make ui` runs
     port = _free_port()
     printed = run(project, "bonefrac", "ui", "--print-command", "--port", str(port)).stdout
     command = shlex.split(printed.strip())
     assert command[command.index("--backend-store-uri") + 1] == (
         f"sqlite:///{(project / 'mlflow.db').resolve()}"
     )
-    server = subprocess.Popen(  # the printed command itself, as `bonefrac ui` execs it
-        command,
-        cwd=project.parent,  # not the project: the store is found by the command alone
-        env=tool_env(project),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow"
+    out = tmp_path / "ui.out"
+    with out.open("w") as sink:
+        server = subprocess.Popen(  # `make ui` without make: bonefrac execs `mlflow ui`
+            ["bonefrac", "ui", "--port", str(port)],
+            cwd=project,
+            env=tool_env(project),
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    client = client_for(project)
+    experiment_id = client.get_experiment_by_name("bonefrac").experiment_id
+    parent_name = client.get_run(summary["parent_run_id"]).info.run_name
+    api = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow"
     try:
         deadline = time.monotonic() + 180
         while True:
             try:
-                found = _get_json(f"{base}/experiments/get-by-name?experiment_name=bonefrac")
+                found = _get_json(f"{api}/experiments/get-by-name?experiment_name=bonefrac")
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "UI did not start"
                 time.sleep(1)
-        experiment = found["experiment"]
-        tags = {t["key"]: t["value"] for t in experiment["tags"]}
-        assert tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs
-        found = _get_json(
-            f"{base}/runs/search",
-            {"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
-        )
+        tags = {t["key"]: t["value"] for t in found["experiment"]["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        found = _get_json(f"{api}/runs/search", {"experiment_ids": [experiment_id]})
         by_name = {r["info"]["run_name"]: r for r in found["runs"]}
-        for name in REGISTERED_MODELS:
+        for name in REGISTERED_MODELS:  # what the UI reads for each run's dataset
             (dataset_input,) = by_name[name]["inputs"]["dataset_inputs"]
             assert dataset_input["dataset"]["digest"] == summary["data_version"]
+        # the address `bonefrac ui` prints opens the runs table, not the GenAI overview
+        url = out.read_text().split("open ", 1)[1].split()[0]
+        assert url == (
+            f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+            "?workflowType=machine_learning"
+        )
+        with headless_chromium(tmp_path / "chromium") as browser:
+            browser.get(url)
+            page = WebDriverWait(browser, 120).until(
+                lambda b: (
+                    (text := b.find_element("tag name", "body").text)
+                    and parent_name in text
+                    and "MURA-v1.1 (SYNTHETIC)" in text
+                    and text
+                )
+            )
+            assert "Run Name" in page and "Dataset" in page
+            assert f"/experiments/{experiment_id}/runs" in browser.current_url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
