@@ -54,9 +54,7 @@ def predict(model, images: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray
 
     forward = getattr(model, "_bonefrac_forward", None)
     if forward is None:
-        # one trace per model: any batch size, the cache's image size (N, S, S) -> (N, S, S, 3)
-        spec = tf.TensorSpec((None, *np.shape(images)[1:], 3), tf.float32)
-        forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         model._bonefrac_forward = forward
     outputs = []
     for start in range(0, len(images), batch):
