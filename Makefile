@@ -10,10 +10,17 @@ export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# Offline, Prefect's server telemetry is an ERROR line; TensorFlow's C++ INFO/WARNING start-up
+# lines say nothing about the run (its ERRORs still print). `bonefrac` sets these too.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TF_CPP_MIN_LOG_LEVEL := 2
+MAKE_START := $(shell date +%s)
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser demo ui test lint clean
 
 setup: $(STAMP)
+	@if [ $$(stat -c %Y $(STAMP)) -lt $(MAKE_START) ]; then \
+		echo "setup: $(VENV) already installed for this pyproject.toml + requirements.lock, reused"; fi
 
 # requirements.lock pins the whole dependency tree (pip freeze of a known-good install).
 $(STAMP): pyproject.toml requirements.lock
@@ -25,10 +32,16 @@ $(STAMP): pyproject.toml requirements.lock
 
 # SYNTHETIC data -> the whole retraining flow (quick profile) -> Bento -> the web page.
 demo: setup
-	@[ -d data/MURA-v1.1 ] || $(BIN)/bonefrac demo-data
+	@if [ -d data/MURA-v1.1 ]; then \
+		echo "demo-data: data/MURA-v1.1 exists, reused (delete it for new synthetic data)"; \
+	else $(BIN)/bonefrac demo-data; fi
 	$(BIN)/bonefrac --profile quick manifest
 	$(BIN)/bonefrac --profile quick pipeline
 	$(BIN)/bonefrac --profile quick serve
+
+# The MLflow UI on the project's store (paths.mlflow_db and paths.mlflow_artifacts).
+ui: setup
+	$(BIN)/bonefrac ui
 
 # Browser tests drive Debian's Chromium headless; install it when missing (needs root/apt).
 browser:

@@ -13,6 +13,8 @@ stage fails the flow, marks its MLflow runs FAILED and promotes nothing.
 from __future__ import annotations
 
 import shutil
+import time
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -29,8 +31,24 @@ def version_data(settings: Settings) -> dict[str, Any]:
     if data.resolve().parent != project.resolve():
         get_run_logger().warning("%s is outside the project: not versioned with DVC", data)
         return {"md5": "untracked", "pushed": False}
+    before = _recorded_version(project, data.name)
     version = track_data(project, data.name)
-    return {"md5": version.md5, "nfiles": version.nfiles, "pushed": version.pushed}
+    return {
+        "md5": version.md5,
+        "nfiles": version.nfiles,
+        "pushed": version.pushed,
+        "unchanged": version.md5 == before,
+    }
+
+
+def _recorded_version(project, data_name: str) -> str | None:
+    from bonefrac.data.versioning import data_version
+    from bonefrac.errors import DataError
+
+    try:
+        return data_version(project, f"{data_name}.dvc").md5
+    except DataError:
+        return None
 
 
 @task
@@ -41,7 +59,8 @@ def validate(settings: Settings) -> dict[str, Any]:
     result = run_validate(settings)
     if not result.success:
         raise DataError(f"data failed validation (report: {result.report_path}):\n{result.summary}")
-    return {"images": result.n_images, "summary": result.summary, "report": str(result.report_path)}
+    report = str(result.report_path) if result.report_path else None
+    return {"images": result.n_images, "summary": result.summary, "report": report}
 
 
 @task
@@ -60,18 +79,17 @@ def check_drift(settings: Settings) -> dict[str, Any]:
 
 @task(retries=1, retry_delay_seconds=5)  # image reads can fail transiently on network storage
 def preprocess(settings: Settings) -> dict[str, Any]:
+    from bonefrac.cache import load_cache
     from bonefrac.stages import run_preprocess
 
     result = run_preprocess(settings, progress=False)
-    if result.reused:
-        get_run_logger().info("preprocess: cache up to date for this data and params, skipped")
-    else:
-        get_run_logger().info(
-            "preprocess: %d of %d images preprocessed, the rest unchanged and reused",
-            result.preprocessed,
-            result.count,
-        )
-    return {"images": result.count, "skipped": result.reused}
+    key = load_cache(result.path).meta.get("key")
+    return {
+        "images": result.count,
+        "preprocessed": result.preprocessed,
+        "skipped": result.reused,
+        "key": key,
+    }
 
 
 @task
@@ -79,8 +97,6 @@ def fit_pca(settings: Settings) -> dict[str, Any]:
     from bonefrac.stages import run_fit_pca
 
     result = run_fit_pca(settings)
-    if result.reused:
-        get_run_logger().info("fit_pca: PCA up to date for this cache and params, skipped")
     return {"skipped": result.reused, **result.metrics}
 
 
@@ -120,11 +136,7 @@ def record_in_dvc(settings: Settings) -> dict[str, Any]:
     from bonefrac.stages import STAGES
 
     record = record_flow_run(settings, tuple(stage.name for stage in STAGES))
-    if record.recorded:
-        get_run_logger().info(
-            "dvc.lock: recorded %s (%.1f s)", ", ".join(record.stages), record.seconds
-        )
-    else:
+    if not record.recorded:
         get_run_logger().warning(
             "dvc.lock not updated (`dvc status` will differ): %s", record.reason
         )
@@ -223,6 +235,41 @@ def _report(
     )
 
 
+# The flow's stages, in order: each logs one `stage <name> <seconds> s <note>` line.
+PIPELINE_STAGES = (
+    "version_data",
+    "validate",
+    "check_drift",
+    "preprocess",
+    "fit_pca",
+    "train",
+    "evaluate",
+    "record_in_dvc",
+    "register",
+    "package",
+    "promote",
+)
+
+
+class _Stages:
+    """Times each stage and logs its one line when it finishes (a failure is logged by
+    Prefect instead); `note` says what the stage did or reused."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        from bonefrac.console import stage_line
+
+        start = time.perf_counter()
+        notes: list[str] = []
+        yield notes
+        seconds = time.perf_counter() - start
+        self.seconds[name] = round(seconds, 1)
+        get_run_logger().info(stage_line(name, seconds, "; ".join(notes)))
+
+
 @flow(name="bonefrac-retrain", log_prints=True)
 def retrain(
     profile: str | None = None, data: str | None = None, params: str | None = None
@@ -231,36 +278,61 @@ def retrain(
     import mlflow
 
     from bonefrac.config import load_settings
+    from bonefrac.console import data_note, pipeline_summary, preprocess_note
+    from bonefrac.data.mura import body_part_name
     from bonefrac.data.synthetic import is_synthetic
     from bonefrac.train import mark_run, model_names, staging_dir
 
     overrides = {"paths": {"data": data}} if data else None
     settings = load_settings(params, profile, overrides)
-    data_version = version_data(settings)
-    validation = validate(settings)
-    drift = check_drift(settings)
-    preprocessed = preprocess(settings)
-    pca = fit_pca(settings)
+    stage = _Stages()
+    with stage("version_data") as note:
+        data_version = version_data(settings)
+        note.append(data_note(data_version))
+    with stage("validate") as note:
+        validation = validate(settings)
+        note.append(f"{validation['images']} images passed")
+    with stage("check_drift") as note:
+        drift = check_drift(settings)
+        note.append(str(drift.get("status")))
+    with stage("preprocess") as note:
+        preprocessed = preprocess(settings)
+        note.append(preprocess_note(preprocessed))
+    with stage("fit_pca") as note:
+        pca = fit_pca(settings)
+        note.append("PCA fit reused (same cache and params)" if pca["skipped"] else "fitted")
     parent_run_id = start_run(settings)
     try:
-        trained = train.map(
-            model_names(settings),
-            settings=unmapped(settings),
-            parent_run_id=unmapped(parent_run_id),
-        ).result()
-        finish_training(settings, parent_run_id, trained)
-        metrics = evaluate(settings)
-        dvc_record = record_in_dvc(settings)  # every dvc.yaml stage has run by now
-        decisions = register(settings)
-        packaged = package(settings, decisions)
-        promote(settings, decisions)
+        with stage("train") as note:
+            trained = train.map(
+                model_names(settings),
+                settings=unmapped(settings),
+                parent_run_id=unmapped(parent_run_id),
+            ).result()
+            finish_training(settings, parent_run_id, trained)
+            note.append(", ".join(f"{r.name} {r.seconds:.0f} s" for r in trained))
+        with stage("evaluate"):
+            metrics = evaluate(settings)
+        with stage("record_in_dvc") as note:
+            dvc_record = record_in_dvc(settings)  # every dvc.yaml stage has run by now
+            note.append("dvc.lock updated" if dvc_record["recorded"] else "dvc.lock unchanged")
+        with stage("register") as note:
+            decisions = register(settings)
+            note.append(", ".join(f"{d.registered_name} v{d.version}" for d in decisions))
+        with stage("package") as note:
+            packaged = package(settings, decisions)
+            note.append(f"Bento {packaged.get('bento_tag')}")
+        with stage("promote") as note:
+            promote(settings, decisions)
+            promoted = [d.model for d in decisions if d.promoted]
+            note.append(f"champion moved: {', '.join(promoted)}" if promoted else "no change")
     except BaseException:
         shutil.rmtree(staging_dir(settings, parent_run_id), ignore_errors=True)
         _fail_runs(settings, parent_run_id)
         raise
     from bonefrac import tracking
 
-    tracking.configure(settings)
+    experiment_id = tracking.configure(settings)
     with mlflow.start_run(run_id=parent_run_id):
         mlflow.set_tags(
             {
@@ -278,20 +350,27 @@ def retrain(
             "pipeline.json",
         )
     mark_run(settings, parent_run_id, "FINISHED")
-    _report(
-        data_version, drift, pca, metrics, decisions, packaged, is_synthetic(settings.paths.data)
-    )
-    return {
+    synthetic = is_synthetic(settings.paths.data)
+    _report(data_version, drift, pca, metrics, decisions, packaged, synthetic)
+    summary = {
         "parent_run_id": parent_run_id,
+        "experiment_id": experiment_id,
         "data_version": data_version["md5"],
+        "data_unchanged": data_version.get("unchanged", False),
         "drift": drift,
         "preprocess_skipped": preprocessed["skipped"],
         "pca_skipped": pca["skipped"],
         "dvc_recorded": dvc_record["recorded"],
         "metrics": metrics,
         "decisions": [d.to_dict() for d in decisions],
+        "synthetic": synthetic,
+        "parts": [body_part_name(p) for p in settings.data.parts],
+        "validation_report": validation.get("report"),
+        "stage_seconds": stage.seconds,
         **packaged,
     }
+    get_run_logger().info("results\n%s", pipeline_summary(summary, summary["parts"], synthetic))
+    return summary
 
 
 def task_runner(settings: Settings):

@@ -68,6 +68,9 @@ def cli(ctx: click.Context, params: Path | None, profile: str | None) -> None:
 
     Decision support for clinicians; not a diagnosis.
     """
+    from bonefrac.console import quiet_tools
+
+    quiet_tools()  # before any command imports TensorFlow, Prefect, MLflow, ...
     ctx.obj = {"params": params, "profile": profile}
 
 
@@ -339,14 +342,33 @@ def pipeline_command(ctx: click.Context, data: Path | None) -> None:
         data=str(settings.paths.data),
         params=str(obj["params"]) if obj.get("params") else None,
     )
-    for decision in summary["decisions"]:
-        click.echo(f"{decision['registered_name']} v{decision['version']}: {decision['reason']}")
-    click.echo(f"Bento: {summary.get('bento_tag')}")
-    click.echo(
-        "MLflow UI:  mlflow ui --backend-store-uri "
-        f"{__import__('bonefrac.tracking').tracking.tracking_uri(settings)}"
-    )
-    click.echo("Serve:      bonefrac serve")
+    from bonefrac.console import where_to_look
+
+    report, experiment = summary.get("validation_report"), summary.get("experiment_id")
+    click.echo(where_to_look(settings, report, experiment))
+
+
+@cli.command("ui")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--print-command", is_flag=True, help="Print the command instead of running it.")
+@click.pass_context
+def ui_command(ctx: click.Context, port: int, print_command: bool) -> None:
+    """Start the MLflow UI on this project's store (paths.mlflow_db, paths.mlflow_artifacts):
+    the experiment's runs, their dataset inputs, metrics, artifacts and the registry."""
+    import os
+    import shlex
+
+    from bonefrac.tracking import experiment_id, mlflow_ui_command, mlflow_ui_url
+
+    settings = _settings(ctx)
+    command = mlflow_ui_command(settings, port)
+    if print_command:
+        click.echo(shlex.join(command))
+        return
+    url = mlflow_ui_url(port, experiment_id(settings))
+    click.echo(f"MLflow UI: open {url} once it has started (Ctrl-C stops it)")
+    sys.stdout.flush()
+    os.execv(command[0], command)  # become the server: Ctrl-C and SIGTERM reach it
 
 
 @cli.command("schedule")
@@ -443,6 +465,7 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
     import os
 
     from bonefrac.config import find_params
+    from bonefrac.console import page_url
 
     settings = _settings(ctx)
     from bonefrac.recommend.engine import load_knowledge, require_reviewed
@@ -470,7 +493,8 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     host, port = host or settings.serve.host, port or settings.serve.port
     command = [sys.executable, "-m", "bentoml", "serve", "bonefrac.serving.service:BonefracService"]
-    click.echo(f"serving on http://{host}:{port}/ (ready when /readyz answers 200)")
+    page = page_url(host, port)
+    click.echo(f"serving the page on {page} (open it once {page}readyz answers 200)")
     sys.stdout.flush()
     sys.stderr.flush()
     # Become the server (same PID): SIGTERM/SIGINT from systemd, a supervisor or `kill` reach

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -13,6 +15,13 @@ from bonefrac.config import Settings
 from bonefrac.errors import DataError
 
 RUN_FILE = "runs.json"  # in the models folder: parent and per-model MLflow run ids
+
+# MLflow 3's experiment kind ("Machine learning" in the UI, not "GenAI apps & agents"). MLflow
+# 3.17's UI opens experiments by its own workflow switch instead (kept in the browser, GenAI
+# by default), so the UI address we print also says `workflowType=machine_learning`.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+MLFLOW_UI_PORT = 5000
 
 # What a logged model needs to load elsewhere; versions are read from this environment.
 MODEL_REQUIREMENTS = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "mlflow", "h5py")
@@ -50,11 +59,74 @@ def configure(settings: Settings) -> str:
         if uri.startswith("sqlite:") or uri.startswith("file:"):
             settings.paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
             location = settings.paths.mlflow_artifacts.resolve().as_uri()
-        experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        experiment_id = mlflow.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a store from before the tag was set
+            mlflow.MlflowClient(uri).set_experiment_tag(
+                experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def mlflow_ui_command(settings: Settings, port: int = MLFLOW_UI_PORT) -> list[str]:
+    """`mlflow ui` on this project's store (the one `configure` writes to), local only."""
+    from bonefrac.errors import UserError
+
+    uri = tracking_uri(settings)
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise UserError(
+            f"runs are tracked at {uri}, not in a local store: open that server's UI instead"
+        )
+    artifacts = settings.paths.mlflow_artifacts.resolve().as_uri()
+    return [
+        *(sys.executable, "-m", "mlflow", "ui"),
+        *("--backend-store-uri", uri, "--default-artifact-root", artifacts),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ]
+
+
+def mlflow_ui_url(port: int = MLFLOW_UI_PORT, experiment_id: str | None = None) -> str:
+    """The UI's address; with an experiment, its training runs (not the GenAI overview)."""
+    url = f"http://127.0.0.1:{port}/"
+    if experiment_id is not None:
+        url += f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url
+
+
+def experiment_id(settings: Settings) -> str | None:
+    """The configured experiment's id in the store, or None before the first run."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri(settings)).get_experiment_by_name(
+        settings.tracking.experiment
+    )
+    return None if experiment is None else experiment.experiment_id
+
+
+def log_data_input(settings: Settings, context: str, cache_key: str | None = None) -> None:
+    """Record, on the active run, the dataset it used: the data folder, with the DVC version
+    (data.dvc's md5) as its digest, so the MLflow UI shows which data each run saw."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from bonefrac.data.synthetic import is_synthetic
+
+    data = settings.paths.data
+    version = data_version_tag(settings)
+    with warnings.catch_warnings():  # MLflow registers its local-files source twice and
+        warnings.simplefilter("ignore", UserWarning)  # warns of the ambiguity on each call
+        source = resolve_dataset_source(str(data.resolve()))
+    name = "MURA-v1.1 (SYNTHETIC)" if is_synthetic(data) else "MURA-v1.1"
+    tags = {"dvc.file": "data.dvc", "dvc.md5": version}
+    if cache_key:
+        tags["bonefrac.cache_key"] = cache_key
+    mlflow.log_input(MetaDataset(source, name=name, digest=version), context=context, tags=tags)
 
 
 def git_commit(folder: Path) -> str:

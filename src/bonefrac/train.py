@@ -412,6 +412,7 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
     shutil.rmtree(folder, ignore_errors=True)
     with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params(settings.flat())
+        tracking.log_data_input(settings, "training", cache.meta.get("key"))
         result = fit_model(cache, name, parts, settings.train, folder, log_to_mlflow=True)
         result.run_id = run.info.run_id
         _log_training_artifacts(result, folder)

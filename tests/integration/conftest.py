@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,26 @@ def copy_project(source: Path, target: Path) -> Path:
     return target
 
 
+@contextmanager
+def captured_logs():
+    """Every log record while the block runs (Prefect's flow and task lines, every library's
+    warnings and errors, tracebacks included), as `LEVEL logger - message` lines."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.extend(self.format(record).splitlines())
+
+    handler = Collect(level=logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        root.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """Prefect's own test harness: a temporary API and database for the session."""
@@ -130,5 +152,7 @@ def pipeline_run(project_root, tmp_path_factory, prefect_harness):
     os.environ["BENTOML_HOME"] = str(base / "bentoml")  # outside the Bento's build context
     settings = load_settings(project / "params.yaml", env={})
     flow = retrain.with_options(task_runner=task_runner(settings))
-    summary = flow(params=str(project / "params.yaml"))
+    with captured_logs() as lines:
+        summary = flow(params=str(project / "params.yaml"))
+    (base / "flow.log").write_text("\n".join(lines) + "\n")  # read by test_flow_output
     return project, settings, summary

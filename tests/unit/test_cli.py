@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,44 @@ def test_wrong_layout_is_one_line(tmp_path, project_root):
     )
     assert result.returncode == 2
     assert "does not contain MURA-v1.1" in result.stderr
+
+
+def test_ui_command_points_mlflow_at_the_projects_store(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("paths: {mlflow_db: runs/store.db, mlflow_artifacts: runs/files}\n")
+    result = run_cli("--params", str(params), "ui", "--print-command", "--port", "5123")
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split()
+    assert command[1:4] == ["-m", "mlflow", "ui"]
+    assert command[command.index("--backend-store-uri") + 1] == (
+        f"sqlite:///{(tmp_path / 'runs/store.db').resolve()}"
+    )
+    assert command[command.index("--default-artifact-root") + 1] == (
+        (tmp_path / "runs/files").resolve().as_uri()
+    )
+    assert command[command.index("--port") + 1] == "5123"
+
+
+def test_ui_command_refuses_a_remote_tracking_server(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("tracking: {tracking_uri: 'http://mlflow.internal:5000'}\n")
+    result = run_cli("--params", str(params), "ui", "--print-command")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "bonefrac: error: runs are tracked at http://mlflow.internal:5000, not in a local "
+        "store: open that server's UI instead"
+    ]
+
+
+def test_every_command_starts_with_the_tools_quietened(tmp_path, monkeypatch):
+    from bonefrac.console import QUIET_ENV
+
+    for name in QUIET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user's own choice is kept
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    result = CliRunner().invoke(cli, ["--params", str(params), "ui", "--print-command"])
+    assert result.exit_code == 0, result.output
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"

@@ -310,6 +310,7 @@ def _log_to_mlflow(
             mlflow.log_metrics({f"test_{k}": v for k, v in flat.items()})
             mlflow.log_artifacts(str(folder / part), artifact_path="evaluation")
     with mlflow.start_run(run_id=runs["parent"]):
+        tracking.log_data_input(settings, "evaluation")  # the end-to-end test numbers' data
         mlflow.log_metrics(
             {f"end_to_end_{k}": v for k, v in _flatten(results["end_to_end"]).items()}
         )
