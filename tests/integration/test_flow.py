@@ -270,7 +270,8 @@ def test_make_ui_opens_the_experiment_on_its_training_runs(pipeline_run, tmp_pat
     from selenium.webdriver.support.ui import WebDriverWait
 
     project, _, summary = pipeline_run
-    make = run(project, "make", "-n", "ui").stdout
+    # --no-print-directory: under `make test` a nested make would add "Leaving directory" lines
+    make = run(project, "make", "--no-print-directory", "-n", "ui").stdout
     assert make.splitlines()[-1] == ".venv/bin/bonefrac ui"  # what `make ui` runs
     port = _free_port()
     printed = run(project, "bonefrac", "ui", "--print-command", "--port", str(port)).stdout
