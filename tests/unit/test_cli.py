@@ -17,8 +17,11 @@ from .mura_fixture import expected_images, make_mura
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI, so an earlier in-process test can
     # leave it set; the CLI under test must see only what each test gives it.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env = {k: v for k, v in env.items() if not k.startswith("BONEFRAC_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "MLFLOW_TRACKING_URI" and not k.startswith("BONEFRAC_")
+    }
     return subprocess.run(
         [sys.executable, "-m", "bonefrac.cli", *args],
         capture_output=True,
