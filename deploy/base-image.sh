@@ -6,7 +6,8 @@
 #
 # Environment: MIRROR (Debian mirror, default http://deb.debian.org/debian; a hospital's own
 # mirror works the same), CA_BUNDLE (PEM bundle the image trusts, default the host's: where TLS
-# is intercepted or a private CA signs the package index, the image needs that CA).
+# is intercepted or a private CA signs the package index, the image needs that CA), INDEX_URL
+# (a private Python package index the Bento's build installs from; default PyPI).
 # Reuses the image when it already exists (delete it with `buildah rmi IMAGE` to rebuild).
 set -euo pipefail
 IMAGE=${1:-localhost/bonefrac-base:bookworm}
@@ -47,6 +48,7 @@ buildah config \
     --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     --env UV_NATIVE_TLS=1 \
+    ${INDEX_URL:+--env PIP_INDEX_URL=$INDEX_URL --env UV_DEFAULT_INDEX=$INDEX_URL} \
     --cmd /bin/bash \
     --label org.opencontainers.image.description="bonefrac base: Debian bookworm minbase + python3.11" \
     "$ctr"
