@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_the_image_holds_no_training_or_test_tools(image):
     """The serving-only requirement set is what the image installed (requirements-serve.lock)."""
     name = f"bonefrac-test-{uuid.uuid4().hex[:8]}"
     _buildah("from", "--name", name, image)
-    names = "print(' '.join(d.metadata['Name'].lower() for d in m.distributions()))"
+    names = "print(' '.join(d.metadata['Name'] for d in m.distributions()))"
     try:
         listed = _buildah(
             "run", "--isolation", "chroot", name, "--",
@@ -151,9 +152,10 @@ def test_the_image_holds_no_training_or_test_tools(image):
         ).stdout.split()  # fmt: skip
     finally:
         subprocess.run(["buildah", "rm", name], capture_output=True)
-    assert {"bentoml", "tensorflow-cpu", "keras", "pydicom"} <= set(listed)
+    listed = {re.sub(r"[-_.]+", "-", name).lower() for name in listed}
+    assert {"bentoml", "tensorflow-cpu", "keras", "pydicom"} <= listed
     assert not {"pytest", "selenium", "ruff", "dvc", "prefect", "mlflow", "great-expectations",
-                "pandas", "scikit-learn"} & set(listed)  # fmt: skip
+                "pandas", "scikit-learn"} & listed  # fmt: skip
 
 
 def test_the_container_answers_ready_and_predicts(container, predictor, good_png):
