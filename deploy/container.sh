@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 IMAGE=${1:-bonefrac:latest}
 BASE_IMAGE=${BASE_IMAGE:-localhost/bonefrac-base:bookworm}
 BIN=${BIN:-$(dirname "$(command -v bentoml || echo .venv/bin/bentoml)")}
-# chroot isolation: the only one that builds inside this (unprivileged-namespace-less) machine.
+# chroot isolation builds on these machines; the default (an OCI runtime, crun) is what fails
+# for `podman run` here (setrlimit not permitted). Layers are kept as a build cache.
 export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot} BUILDAH_LAYERS=${BUILDAH_LAYERS:-true}
 export BENTOML_DO_NOT_TRACK=true
 
