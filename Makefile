@@ -3,6 +3,7 @@
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
+IMAGE ?= bonefrac:latest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
 export DVC_NO_ANALYTICS := 1
@@ -16,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 MAKE_START := $(shell date +%s)
 
-.PHONY: setup browser demo ui test lint clean
+.PHONY: setup browser container-tools container serve-lock demo ui test lint clean
 
 setup: $(STAMP)
 	@if [ $$(stat -c %Y $(STAMP)) -lt $(MAKE_START) ]; then \
@@ -48,7 +49,23 @@ browser:
 	@command -v chromedriver >/dev/null 2>&1 || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: setup browser
+# The container test and `make container` build images with buildah from a locally made Debian
+# base image (debootstrap); install both when missing (needs root/apt).
+container-tools:
+	@command -v buildah >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq buildah debootstrap >/dev/null; }
+
+# The Bento's OCI image (bonefrac:latest in containers-storage) from `bonefrac:latest` in the
+# BentoML model store (`make demo` puts it there). README "Scaling out and deploying".
+container: setup container-tools
+	BIN=$(BIN) deploy/container.sh $(IMAGE)
+
+# The Bento's serving-only requirements, resolved against requirements.lock (needs the index).
+serve-lock: setup
+	$(BIN)/python deploy/serving_lock.py
+
+test: setup browser container-tools
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bonefrac.bundle_integrity import verify_bundle, write_manifest
-from bonefrac.config import Settings
-from bonefrac.data.mura import body_part_name
+from bonefrac.config import Settings, body_part_name
 from bonefrac.errors import DataError
 from bonefrac.inference import OodGate, OperatingPoint
 from bonefrac.models import BODY_PART_MODEL

@@ -57,6 +57,12 @@ class PathsConfig(_Section):
     mlflow_artifacts: Path = Path("mlartifacts")
 
 
+def body_part_name(part: str) -> str:
+    """`XR_ELBOW` -> `elbow`: the short name used in model names and responses. (Here, not in
+    data/mura.py, so serving reads part names without pandas, which the Bento does not ship.)"""
+    return part.removeprefix("XR_").lower()
+
+
 class DataConfig(_Section):
     parts: tuple[str, ...] = ("XR_ELBOW", "XR_HAND", "XR_SHOULDER")
     val_fraction: float = Field(0.1, gt=0, lt=1)

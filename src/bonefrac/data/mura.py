@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from bonefrac.config import DataConfig
+from bonefrac.config import DataConfig, body_part_name
 from bonefrac.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
@@ -41,11 +41,6 @@ COLUMNS = [
 ]
 _STUDY_RE = re.compile(r"^study(\d+)_(positive|negative)$")
 _IMAGE_RE = re.compile(r"^image(\d+)\.\w+$", re.IGNORECASE)
-
-
-def body_part_name(part: str) -> str:
-    """`XR_ELBOW` -> `elbow`: the short name used in model names and responses."""
-    return part.removeprefix("XR_").lower()
 
 
 @dataclass(frozen=True)
