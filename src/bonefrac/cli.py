@@ -276,6 +276,13 @@ def evaluate_command(ctx: click.Context) -> None:
     help="Decision threshold the finding was made at.",
 )
 @click.option("--ood", is_flag=True, help="The image was flagged out of distribution.")
+@click.option(
+    "--age-group",
+    type=click.Choice(["adult", "child", "unknown"]),
+    default="unknown",
+    show_default=True,
+    help="The patient's age group: child adds the paediatric warnings and radiologist review.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (as the service returns it).")
 @click.option(
     "--knowledge",
@@ -292,6 +299,7 @@ def recommend_command(
     probability: float,
     threshold: float,
     ood: bool,
+    age_group: str,
     as_json: bool,
     knowledge: Path | None,
 ) -> None:
@@ -304,7 +312,8 @@ def recommend_command(
     if knowledge is None:
         knowledge = _settings(ctx).serve.knowledge
     kb = load_knowledge(knowledge)
-    result = recommend(part, finding, probability, {"ood": ood}, threshold=threshold, knowledge=kb)
+    context = {"ood": ood, "age_group": age_group}
+    result = recommend(part, finding, probability, context, threshold=threshold, knowledge=kb)
     text = json.dumps(result.model_dump(mode="json"), indent=2) if as_json else result.to_text()
     click.echo(text, nl=as_json)
 

@@ -39,6 +39,7 @@ from bonefrac.inference import (
 )
 from bonefrac.models import BODY_PART_MODEL
 from bonefrac.recommend import load_knowledge, recommend
+from bonefrac.recommend.schema import AGE_GROUPS
 
 API_VERSION = "2"  # the response schema; every response carries it as `api_version`
 MAX_STUDY_IMAGES = 8
@@ -186,28 +187,53 @@ class Predictor:
 
     # -- public predictions -------------------------------------------------------------------
 
-    def predict_bytes(self, data: bytes, *, explain: bool = False, allow_ood: bool = False) -> dict:
+    def predict_bytes(
+        self,
+        data: bytes,
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
+    ) -> dict:
         """One uploaded file -> the response JSON (see `predict_image`)."""
-        return self.predict_image(self.preprocess(data), explain=explain, allow_ood=allow_ood)
+        age_group = check_age_group(age_group)
+        return self.predict_image(
+            self.preprocess(data), explain=explain, allow_ood=allow_ood, age_group=age_group
+        )
 
     def predict_image(
-        self, image: np.ndarray, *, explain: bool = False, allow_ood: bool = False
+        self,
+        image: np.ndarray,
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
         """One preprocessed image -> body part, calibrated fracture probability and finding,
         recommendation, quality, optional Grad-CAM heatmap. Raises OutOfDistribution when the
-        image fails the OOD gate and `allow_ood` is not set."""
+        image fails the OOD gate and `allow_ood` is not set. The image is judged alone, so the
+        recommendation asks for the part's standard views (the single-view safeguard)."""
+        age_group = check_age_group(age_group)
         images = image[None]
         ood = self.ood_scores(images)
         self._gate(ood, allow_ood)
         decisions = decide(self.core, route(self.core, images), ood)
         result = self._result(decisions, 0)
-        result["recommendation"] = self._recommendation(result)
+        result["age_group"] = age_group
+        result["recommendation"] = self._recommendation(
+            result, age_group=age_group, single_image=True
+        )
         if explain:
             result.update(self._explain(str(decisions.part[0]), images)[0])
         return self._envelope(result, "image")
 
     def predict_study(
-        self, files: Sequence[bytes], *, explain: bool = False, allow_ood: bool = False
+        self,
+        files: Sequence[bytes],
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
         """Several images of one study -> the study result (body part from the mean body-part
         probabilities; fracture probability = mean of the images' calibrated probabilities,
@@ -226,12 +252,22 @@ class Predictor:
                 images.append(self.preprocess(data))
             except ImageError as exc:
                 raise ImageError(f"image {i} of {len(files)}: {exc}", exc.code) from None
-        return self.predict_study_images(np.stack(images), explain=explain, allow_ood=allow_ood)
+        return self.predict_study_images(
+            np.stack(images), explain=explain, allow_ood=allow_ood, age_group=age_group
+        )
 
     def predict_study_images(
-        self, batch: np.ndarray, *, explain: bool = False, allow_ood: bool = False
+        self,
+        batch: np.ndarray,
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
-        """`predict_study` on (N, S, S, 3) preprocessed images."""
+        """`predict_study` on (N, S, S, 3) preprocessed images. The study probability stays the
+        MURA mean; `views` flags views on both sides of the threshold (a finding on one view
+        that the mean may dilute), and such a study asks for radiologist review."""
+        age_group = check_age_group(age_group)
         ood = self.ood_scores(batch)
         for i, score in enumerate(ood, start=1):
             self._gate(np.array([score]), allow_ood, where=f"image {i} of {len(batch)}")
@@ -245,7 +281,14 @@ class Predictor:
                 result.update(extra)
         result = self._result(study, 0)
         result["n_images"] = len(batch)
-        result["recommendation"] = self._recommendation(result, study_images=len(batch))
+        result["age_group"] = age_group
+        result["views"] = view_agreement(per_image, study.threshold[0])
+        result["recommendation"] = self._recommendation(
+            result,
+            study_images=len(batch),
+            age_group=age_group,
+            views_disagree=result["views"]["disagree"],
+        )
         result["images"] = images
         return self._envelope(result, "study")
 
@@ -263,7 +306,8 @@ class Predictor:
             decisions = decide(self.core, route(self.core, batch[keep]), ood[keep])
             for j, i in enumerate(keep):
                 result = self._result(decisions, j)
-                result["recommendation"] = self._recommendation(result)
+                result["age_group"] = "unknown"
+                result["recommendation"] = self._recommendation(result, single_image=True)
                 out[i] = self._envelope(result, "image")
         return out
 
@@ -305,6 +349,11 @@ class Predictor:
                 "model_finding": str(decisions.model_finding[i]),
                 "threshold": float(decisions.threshold[i]),
                 "uncertain_band": float(decisions.band[i]),
+                # a "no abnormality" is confident only below this (fitted on val; 0 = never)
+                "negative_cutoff": self._negative_cutoff(str(decisions.part[i])),
+                "sensitivity": self.manifest["models"][str(decisions.part[i])].get(
+                    "val_sensitivity"
+                ),  # on val studies, with its Wilson interval; None in older bundles
             },
             "quality": {
                 "ood_score": float(decisions.ood[i]),
@@ -321,9 +370,13 @@ class Predictor:
             "confident": bool(probs[best] >= BODY_PART_MIN_CONFIDENCE),
         }
 
-    def _recommendation(self, result: dict, study_images: int | None = None) -> dict:
+    def _negative_cutoff(self, part: str) -> float:
+        cutoff = self.core.points[part].negative_cutoff
+        return 0.0 if cutoff is None else cutoff  # not recorded: no negative is confident
+
+    def _recommendation(self, result: dict, study_images: int | None = None, **context) -> dict:
         fracture = result["fracture"]
-        context = {"ood": not result["quality"]["accepted"], "study_images": study_images}
+        context |= {"ood": not result["quality"]["accepted"], "study_images": study_images}
         try:
             rec = recommend(
                 fracture["model"],
@@ -331,6 +384,7 @@ class Predictor:
                 fracture["probability"],
                 context,
                 threshold=fracture["threshold"],
+                negative_cutoff=fracture["negative_cutoff"],
                 knowledge=self.knowledge,
             )
         except UserError as exc:  # the bundle's operating point, not the request: a 5xx
@@ -358,7 +412,7 @@ class Predictor:
                     "target": "abnormal",
                     "model": part,
                     "empty": bool(heatmap.max() == 0),
-                    "meaning": "red = regions that raised the fracture score most; blue = least",
+                    "meaning": "red = regions that raised the abnormality score most; blue = least",
                 },
             }
             for image, heatmap in zip(images, heatmaps, strict=True)
@@ -374,6 +428,12 @@ class Predictor:
                 f"The body part is uncertain (most likely {body['label']}, probability "
                 f"{top:.2f} < {BODY_PART_MIN_CONFIDENCE:.2f}), so the finding is 'uncertain'."
             )
+        if result.get("views", {}).get("disagree"):
+            notices.append(
+                "The views disagree: at least one is on the abnormal side of the threshold and "
+                "another is not. The study probability is their mean, which can dilute a finding "
+                "seen on one view only; look at each view."
+            )
         if not result["quality"]["accepted"]:
             notices.append(
                 "The image does not look like the radiographs the models were trained on; it was "
@@ -388,6 +448,27 @@ class Predictor:
             "notices": notices,
             "disclaimer": DISCLAIMER,
         }
+
+
+def check_age_group(age_group: str | None) -> str:
+    """The request's age group ("adult", "child" or "unknown"; None = "unknown"), or a 400."""
+    value = "unknown" if age_group is None else str(age_group).strip().lower() or "unknown"
+    if value not in AGE_GROUPS:
+        raise PredictionError(
+            f"age_group {str(age_group)[:40]!r} is not one of adult, child, unknown: send one of "
+            "them (or leave it out for unknown)",
+            "bad_age_group",
+        )
+    return value
+
+
+def view_agreement(per_image: Decisions, threshold: float) -> dict:
+    """Which views of a study fall on the abnormal side of the threshold (calibrated, band
+    ignored) and which do not; `disagree` when both kinds are present."""
+    above = per_image.prob >= threshold
+    abnormal = [int(i) for i in np.flatnonzero(above)]
+    normal = [int(i) for i in np.flatnonzero(~above)]
+    return {"disagree": bool(abnormal and normal), "abnormal": abnormal, "normal": normal}
 
 
 def error_body(exc: Exception) -> dict:

@@ -36,7 +36,7 @@ from bonefrac import DISCLAIMER
 from bonefrac.config import ServeConfig
 from bonefrac.errors import UserError
 from bonefrac.imaging import ImageError
-from bonefrac.recommend.engine import require_reviewed
+from bonefrac.recommend.engine import load_knowledge, require_reviewed
 from bonefrac.serving import uploads
 from bonefrac.serving.uploads import ERROR_HEADER
 
@@ -179,31 +179,48 @@ class BonefracService:
         stored = self.bundle
         self.settings = serve_settings()
         self.max_bytes = int(self.settings.max_upload_mb * 1_000_000)
+        # Draft (clinically unreviewed) guidance is refused unless serve.allow_unreviewed:
+        # checked before any model loads, so such a service never becomes ready.
+        require_reviewed(load_knowledge(self.settings.knowledge), self.settings.allow_unreviewed)
         self.predictor = Predictor.from_bundle(
             Path(stored.path), self.settings, source=str(stored.tag)
         )
-        # Draft (clinically unreviewed) guidance is refused unless serve.allow_unreviewed.
-        require_reviewed(self.predictor.knowledge, self.settings.allow_unreviewed)
 
     @bentoml.api(route="/predict")
-    def predict(self, image: Path, explain: bool = False, allow_ood: bool = False) -> dict:
-        """One X-ray (PNG, JPEG or DICOM) -> body part, fracture finding, recommendation."""
+    def predict(
+        self,
+        image: Path,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
+    ) -> dict:
+        """One X-ray (PNG, JPEG or DICOM) -> body part, abnormality finding, recommendation.
+        age_group: adult, child or unknown (the default)."""
 
         def work() -> dict:
             data = read_upload(image, self.max_bytes)
-            return self.predictor.predict_bytes(data, explain=explain, allow_ood=allow_ood)
+            return self.predictor.predict_bytes(
+                data, explain=explain, allow_ood=allow_ood, age_group=age_group
+            )
 
         return answer("predict", work)
 
     @bentoml.api(route="/predict_study")
     def predict_study(
-        self, images: list[Path], explain: bool = False, allow_ood: bool = False
+        self,
+        images: list[Path],
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
-        """Several views of one study -> the study result (MURA mean) and each image's."""
+        """Several views of one study -> the study result (MURA mean), each image's, and a flag
+        when the views disagree. age_group: adult, child or unknown (the default)."""
 
         def work() -> dict:
             data = [read_upload(path, self.max_bytes) for path in images]
-            return self.predictor.predict_study(data, explain=explain, allow_ood=allow_ood)
+            return self.predictor.predict_study(
+                data, explain=explain, allow_ood=allow_ood, age_group=age_group
+            )
 
         return answer("predict_study", work)
 
@@ -228,7 +245,7 @@ def _routes() -> dict[str, uploads.Route]:
 
     cfg = serve_settings()
     one = int(cfg.max_upload_mb * 1_000_000) + MULTIPART_OVERHEAD
-    options, wait = frozenset({"explain", "allow_ood"}), cfg.body_timeout_s
+    options, wait = frozenset({"explain", "allow_ood", "age_group"}), cfg.body_timeout_s
     return {
         "/predict": uploads.Route(one, "image", 1, options, wait, "too_many_files"),
         "/predict_study": uploads.Route(
