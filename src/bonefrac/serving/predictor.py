@@ -29,7 +29,6 @@ from bonefrac.config import PreprocessConfig, ServeConfig
 from bonefrac.errors import DataError, UserError
 from bonefrac.imaging import ImageError, downsample, preprocess_bytes
 from bonefrac.inference import (
-    BODY_PART_MIN_CONFIDENCE,
     OOD_LIMIT,
     Decisions,
     OodGate,
@@ -39,36 +38,20 @@ from bonefrac.inference import (
 )
 from bonefrac.models import BODY_PART_MODEL
 from bonefrac.recommend import load_knowledge, recommend
-from bonefrac.recommend.schema import AGE_GROUPS
+from bonefrac.serving.responses import (  # noqa: F401 - re-exported: callers and tests use them
+    SYNTHETIC_NOTICE,
+    OutOfDistribution,
+    PredictionError,
+    check_age_group,
+    error_body,
+    notices,
+    unit_json,
+    view_agreement,
+)
 
 API_VERSION = "2"  # the response schema; every response carries it as `api_version`
 MAX_STUDY_IMAGES = 8
 VERSION_KEYS = ("run_id", "version", "registered_name")  # what identifies a model in responses
-SYNTHETIC_NOTICE = (
-    "These models were trained on SYNTHETIC images (the demo dataset), not real radiographs: "
-    "their output says nothing about real X-rays."
-)
-
-
-class PredictionError(UserError):
-    """A request the models cannot answer; `.code` is short and stable for machines."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class OutOfDistribution(PredictionError):
-    """The image does not look like the radiographs the models were trained on."""
-
-    def __init__(self, score: float, where: str = "the image") -> None:
-        super().__init__(
-            f"{where} does not look like an elbow, hand or shoulder radiograph (out-of-"
-            f"distribution score {score:.2f} > {OOD_LIMIT:.0f}); send an X-ray of one of these "
-            "parts, or set allow_ood to analyse it anyway",
-            "out_of_distribution",
-        )
-        self.score = score
 
 
 def _compiled(model, size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -336,40 +319,6 @@ class Predictor:
 
     # -- response pieces ----------------------------------------------------------------------
 
-    def _result(self, decisions: Decisions, i: int) -> dict:
-        """Body part, fracture and quality of unit i (an image or a study) as JSON."""
-        accepted = bool(decisions.accepted[i])
-        return {
-            "body_part": self._body_part(decisions.body_probs[i]),
-            "fracture": {
-                "model": str(decisions.part[i]),
-                "probability": float(decisions.prob[i]),
-                "uncalibrated_probability": float(decisions.raw[i]),
-                "finding": str(decisions.finding[i]),
-                "model_finding": str(decisions.model_finding[i]),
-                "threshold": float(decisions.threshold[i]),
-                "uncertain_band": float(decisions.band[i]),
-                # a "no abnormality" is confident only below this (fitted on val; 0 = never)
-                "negative_cutoff": self._negative_cutoff(str(decisions.part[i])),
-                "sensitivity": self.manifest["models"][str(decisions.part[i])].get(
-                    "val_sensitivity"
-                ),  # on val studies, with its Wilson interval; None in older bundles
-            },
-            "quality": {
-                "ood_score": float(decisions.ood[i]),
-                "accepted": accepted,
-                "ood_limit": OOD_LIMIT,
-            },
-        }
-
-    def _body_part(self, probs: np.ndarray) -> dict:
-        best = int(probs.argmax())
-        return {
-            "label": self.classes[best],
-            "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)},
-            "confident": bool(probs[best] >= BODY_PART_MIN_CONFIDENCE),
-        }
-
     def _negative_cutoff(self, part: str) -> float:
         cutoff = self.core.points[part].negative_cutoff
         return 0.0 if cutoff is None else cutoff  # not recorded: no negative is confident
@@ -418,60 +367,25 @@ class Predictor:
             for image, heatmap in zip(images, heatmaps, strict=True)
         ]
 
+    def _result(self, decisions: Decisions, i: int) -> dict:
+        """Body part, abnormality finding and quality of unit i (an image or a study)."""
+        part = str(decisions.part[i])
+        return unit_json(
+            decisions,
+            i,
+            self.classes,
+            negative_cutoff=self._negative_cutoff(part),
+            sensitivity=self.manifest["models"][part].get("val_sensitivity"),
+        )
+
     def _envelope(self, result: dict, level: str) -> dict:
         """What every response carries besides the prediction itself."""
-        notices = [SYNTHETIC_NOTICE] if self.synthetic else []
-        body = result["body_part"]
-        if not body["confident"]:
-            top = body["probabilities"][body["label"]]
-            notices.append(
-                f"The body part is uncertain (most likely {body['label']}, probability "
-                f"{top:.2f} < {BODY_PART_MIN_CONFIDENCE:.2f}), so the finding is 'uncertain'."
-            )
-        if result.get("views", {}).get("disagree"):
-            notices.append(
-                "The views disagree: at least one is on the abnormal side of the threshold and "
-                "another is not. The study probability is their mean, which can dilute a finding "
-                "seen on one view only; look at each view."
-            )
-        if not result["quality"]["accepted"]:
-            notices.append(
-                "The image does not look like the radiographs the models were trained on; it was "
-                "analysed only because the override was set, so the finding is 'uncertain'."
-            )
         return {
             "api_version": API_VERSION,
             "level": level,
             **result,
             "model_versions": self.versions,
             "synthetic_models": self.synthetic,
-            "notices": notices,
+            "notices": notices(result, self.synthetic),
             "disclaimer": DISCLAIMER,
         }
-
-
-def check_age_group(age_group: str | None) -> str:
-    """The request's age group ("adult", "child" or "unknown"; None = "unknown"), or a 400."""
-    value = "unknown" if age_group is None else str(age_group).strip().lower() or "unknown"
-    if value not in AGE_GROUPS:
-        raise PredictionError(
-            f"age_group {str(age_group)[:40]!r} is not one of adult, child, unknown: send one of "
-            "them (or leave it out for unknown)",
-            "bad_age_group",
-        )
-    return value
-
-
-def view_agreement(per_image: Decisions, threshold: float) -> dict:
-    """Which views of a study fall on the abnormal side of the threshold (calibrated, band
-    ignored) and which do not; `disagree` when both kinds are present."""
-    above = per_image.prob >= threshold
-    abnormal = [int(i) for i in np.flatnonzero(above)]
-    normal = [int(i) for i in np.flatnonzero(~above)]
-    return {"disagree": bool(abnormal and normal), "abnormal": abnormal, "normal": normal}
-
-
-def error_body(exc: Exception) -> dict:
-    """`{"error": {"code", "message"}}` for a UserError: the shape every bad input gets."""
-    code = getattr(exc, "code", "bad_request")
-    return {"error": {"code": code, "message": str(exc)}}

@@ -36,7 +36,7 @@ from bonefrac import DISCLAIMER
 from bonefrac.config import ServeConfig
 from bonefrac.errors import UserError
 from bonefrac.imaging import ImageError
-from bonefrac.recommend.engine import load_knowledge, require_reviewed
+from bonefrac.recommend.engine import KnowledgeError, load_knowledge, require_reviewed
 from bonefrac.serving import uploads
 from bonefrac.serving.uploads import ERROR_HEADER
 
@@ -65,6 +65,7 @@ STATUS = {
     "out_of_distribution": 422,
     "too_many_images": 422,
     "internal": 500,
+    "unreviewed_content": 503,
 }  # everything else: 400
 
 
@@ -179,12 +180,30 @@ class BonefracService:
         stored = self.bundle
         self.settings = serve_settings()
         self.max_bytes = int(self.settings.max_upload_mb * 1_000_000)
-        # Draft (clinically unreviewed) guidance is refused unless serve.allow_unreviewed:
-        # checked before any model loads, so such a service never becomes ready.
-        require_reviewed(load_knowledge(self.settings.knowledge), self.settings.allow_unreviewed)
+        # Draft (clinically unreviewed) guidance is refused unless serve.allow_unreviewed. The
+        # service then stays up without loading a model: /readyz answers 503 and every
+        # prediction a 503 naming the reason (raising here would only make BentoML respawn the
+        # worker in a loop). `bonefrac serve` refuses before starting at all.
+        self.refusal: str | None = None
+        try:
+            knowledge = load_knowledge(self.settings.knowledge)
+            require_reviewed(knowledge, self.settings.allow_unreviewed, "serve")
+        except KnowledgeError as exc:
+            self.refusal = str(exc)
+            logger.error("refusing to serve: %s", exc)
+            return
         self.predictor = Predictor.from_bundle(
             Path(stored.path), self.settings, source=str(stored.tag)
         )
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz: not ready while the guidance is refused."""
+        return self.refusal is None
+
+    def _answer(self, api: str, work: Callable[[], dict]) -> dict | JSONResponse:
+        if self.refusal is not None:
+            return error_response("unreviewed_content", self.refusal, 503)
+        return answer(api, work)
 
     @bentoml.api(route="/predict")
     def predict(
@@ -203,7 +222,7 @@ class BonefracService:
                 data, explain=explain, allow_ood=allow_ood, age_group=age_group
             )
 
-        return answer("predict", work)
+        return self._answer("predict", work)
 
     @bentoml.api(route="/predict_study")
     def predict_study(
@@ -222,7 +241,7 @@ class BonefracService:
                 data, explain=explain, allow_ood=allow_ood, age_group=age_group
             )
 
-        return answer("predict_study", work)
+        return self._answer("predict_study", work)
 
     @bentoml.api(
         route="/predict_batch", batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=30_000
@@ -232,6 +251,9 @@ class BonefracService:
         item gets the /predict result or its own `{"error": ...}`; no explain, no override.
         FrontDoor has bounded the body and the file count; `decode` refuses a file over the size
         limit and turns any decoding failure into that file's own 4xx error."""
+        if self.refusal is not None:
+            refused = {"error": {"code": "unreviewed_content", "message": self.refusal}}
+            return [refused for _ in images]
         try:
             return self.predictor.predict_batch_bytes([path.read_bytes() for path in images])
         except Exception:
