@@ -101,3 +101,21 @@ def test_a_study_whose_views_disagree_is_flagged_and_keeps_the_mura_mean(
     agreeing = predictor.predict_study(files, allow_ood=True, age_group="adult")
     assert agreeing["views"]["disagree"] is False
     assert not any("views disagree" in n for n in agreeing["notices"])
+
+
+def test_cli_predict_takes_the_age_group(predictor, bundle_dir, good_png, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from bonefrac.cli import cli
+    from bonefrac.serving import predictor as predictor_module
+
+    monkeypatch.setattr(
+        predictor_module.Predictor, "from_bundle", classmethod(lambda cls, *a, **k: predictor)
+    )
+    args = ["predict", str(good_png), "--bundle", str(bundle_dir), "--allow-ood"]
+    result = CliRunner().invoke(cli, [*args, "--age-group", "child"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["age_group"] == "child" and answer["recommendation"]["review_by_radiologist"]

@@ -70,3 +70,19 @@ def test_views_that_disagree_ask_for_review():
     rec = recommend("elbow", "no_fracture", 0.02, {"views_disagree": True}, negative_cutoff=0.1)
     assert rec.review_by_radiologist
     assert any("views disagree" in reason for reason in rec.review_reasons)
+
+
+def test_cli_recommend_takes_the_age_group():
+    import json
+
+    from click.testing import CliRunner
+
+    from bonefrac.cli import cli
+
+    args = ["recommend", "--part", "elbow", "--finding", "no_fracture", "--probability", "0.05"]
+    result = CliRunner().invoke(cli, [*args, "--age-group", "child", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["age_group"] == "child" and data["review_by_radiologist"] is True
+    bad = CliRunner().invoke(cli, [*args, "--age-group", "teen"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
