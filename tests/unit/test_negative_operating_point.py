@@ -122,3 +122,16 @@ def test_the_loader_refuses_a_routine_negative(tmp_path):
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     with pytest.raises(KnowledgeError, match="no_fracture.high.urgency.level: must not be"):
         load_knowledge(path)
+
+
+def test_packaging_reads_the_cutoff_from_the_champions_tags():
+    from bonefrac.packaging import _negative_point
+
+    sensitivity = {"split": "val", "at_threshold": {"value": 0.8, "ci": [0.6, 0.9]}}
+    tags = {
+        "bonefrac.threshold": "0.4",
+        "bonefrac.negative_cutoff": "0.17",
+        "bonefrac.val_sensitivity": json.dumps(sensitivity),
+    }
+    assert _negative_point(tags) == {"negative_cutoff": 0.17, "val_sensitivity": sensitivity}
+    assert _negative_point({"bonefrac.threshold": "0.4"}) == {}  # registered before they existed
