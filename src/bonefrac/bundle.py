@@ -2,7 +2,9 @@
 
     bundle/
       bundle.json            format, parts, image size, preprocessing, per-model versions and
-                             operating points (threshold, temperature, uncertain band),
+                             operating points (threshold, temperature, uncertain band; and,
+                             optional, the confident-negative cut-off and the val sensitivity
+                             with its interval, both fitted on val),
                              OOD gate thresholds, data version, synthetic flag
       body_part/model.keras
       <part>/model.keras     one fracture model per part
@@ -179,7 +181,8 @@ def save_to_bentoml(
             n: {
                 k: v
                 for k, v in m.items()
-                if k in ("version", "registered_name", "threshold", "temperature")
+                if k
+                in ("version", "registered_name", "threshold", "temperature", "negative_cutoff")
             }
             for n, m in manifest["models"].items()
         },

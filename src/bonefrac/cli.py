@@ -255,6 +255,15 @@ def evaluate_command(ctx: click.Context) -> None:
     click.echo(f"reports in {summary.out_dir}")
 
 
+_AGE_GROUP_OPTION = click.option(
+    "--age-group",
+    type=click.Choice(["adult", "child", "unknown"]),
+    default="unknown",
+    show_default=True,
+    help="The patient's age group: child adds the paediatric warnings and radiologist review.",
+)
+
+
 @cli.command("recommend")
 @click.option(
     "--part",
@@ -276,6 +285,7 @@ def evaluate_command(ctx: click.Context) -> None:
     help="Decision threshold the finding was made at.",
 )
 @click.option("--ood", is_flag=True, help="The image was flagged out of distribution.")
+@_AGE_GROUP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (as the service returns it).")
 @click.option(
     "--knowledge",
@@ -292,6 +302,7 @@ def recommend_command(
     probability: float,
     threshold: float,
     ood: bool,
+    age_group: str,
     as_json: bool,
     knowledge: Path | None,
 ) -> None:
@@ -304,7 +315,8 @@ def recommend_command(
     if knowledge is None:
         knowledge = _settings(ctx).serve.knowledge
     kb = load_knowledge(knowledge)
-    result = recommend(part, finding, probability, {"ood": ood}, threshold=threshold, knowledge=kb)
+    context = {"ood": ood, "age_group": age_group}
+    result = recommend(part, finding, probability, context, threshold=threshold, knowledge=kb)
     text = json.dumps(result.model_dump(mode="json"), indent=2) if as_json else result.to_text()
     click.echo(text, nl=as_json)
 
@@ -512,6 +524,7 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
     is_flag=True,
     help="Analyse images that do not look like elbow/hand/shoulder radiographs anyway.",
 )
+@_AGE_GROUP_OPTION
 @_BUNDLE_OPTION
 @click.pass_context
 def predict_command(
@@ -519,6 +532,7 @@ def predict_command(
     images: tuple[Path, ...],
     explain: bool,
     allow_ood: bool,
+    age_group: str,
     bundle: Path | None,
 ) -> None:
     """Print the service's JSON for IMAGE (PNG, JPEG or DICOM); several IMAGEs are one study.
@@ -556,10 +570,11 @@ def predict_command(
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
     predictor = Predictor.from_bundle(folder, limits, source=source, warm_up=False)
+    options = {"explain": explain, "allow_ood": allow_ood, "age_group": age_group}
     if len(data) == 1:
-        result = predictor.predict_bytes(data[0], explain=explain, allow_ood=allow_ood)
+        result = predictor.predict_bytes(data[0], **options)
     else:
-        result = predictor.predict_study(data, explain=explain, allow_ood=allow_ood)
+        result = predictor.predict_study(data, **options)
     click.echo(json.dumps(result, indent=2))
 
 

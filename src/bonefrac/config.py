@@ -171,6 +171,9 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     threshold_method: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, lt=1)
+    # a "no abnormality" counts as confident (no radiologist-review flag) only below the
+    # cut-off that keeps this sensitivity on val studies
+    negative_sensitivity: float = Field(0.95, gt=0, lt=1)
     uncertain_band: float = Field(0.1, ge=0, lt=0.5)
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 42

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,13 +63,18 @@ class OperatingPoint:
     threshold: float
     temperature: float
     uncertain_band: float
+    # a "no abnormality" below this counts as confident (chosen on val for a target
+    # sensitivity); None = not recorded (older bundles): no negative is confident
+    negative_cutoff: float | None = None
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, float]) -> OperatingPoint:
+    def from_dict(cls, values: Mapping[str, Any]) -> OperatingPoint:
+        cutoff = values.get("negative_cutoff")
         return cls(
             float(values["threshold"]),
             float(values["temperature"]),
             float(values["uncertain_band"]),
+            None if cutoff is None else float(cutoff),
         )
 
 

@@ -101,6 +101,7 @@ def package_champions(
                     k: float(champion.tags[f"bonefrac.{k}"])
                     for k in ("threshold", "temperature", "uncertain_band")
                 }
+                points[name] |= _negative_point(champion.tags)
             else:
                 versions[name]["classes"] = [body_part_name(p) for p in settings.data.parts]
         bundle = write_bundle(
@@ -138,6 +139,18 @@ def _packaging_problem(version) -> str | None:
     ).startswith("not promoted: unusable operating point"):
         return version.tags["bonefrac.promotion"].removeprefix("not promoted: ")
     return None
+
+
+def _negative_point(tags: dict) -> dict:
+    """The confident-negative cut-off and val sensitivity a champion was registered with; a
+    champion registered before they existed has none (serving then treats no negative as
+    confident)."""
+    point: dict = {}
+    if "bonefrac.negative_cutoff" in tags:
+        point["negative_cutoff"] = float(tags["bonefrac.negative_cutoff"])
+    if "bonefrac.val_sensitivity" in tags:
+        point["val_sensitivity"] = json.loads(tags["bonefrac.val_sensitivity"])
+    return point
 
 
 def build_bento(settings: Settings) -> str:

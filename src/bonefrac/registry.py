@@ -230,9 +230,15 @@ def register(settings: Settings) -> list[Decision]:
             "bonefrac.test_set": results["test_set"],
             **{
                 f"bonefrac.{k}": str(point[k])
-                for k in ("threshold", "temperature", "uncertain_band")
+                for k in ("threshold", "temperature", "uncertain_band", "negative_cutoff")
                 if k in point
             },
+            # the val sensitivity the service shows next to a finding (packaged with the point)
+            **(
+                {"bonefrac.val_sensitivity": json.dumps(point["val_sensitivity"])}
+                if point.get("val_sensitivity")
+                else {}
+            ),
             **decision.tags(),
         }
         uri = runs.get("model_uris", {}).get(name) or f"runs:/{runs[name]}/model"

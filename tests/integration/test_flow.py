@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import bentoml
 import pytest
@@ -70,6 +71,8 @@ def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
         "bonefrac.preprocess",
         "bonefrac.threshold",
         "bonefrac.temperature",
+        "bonefrac.negative_cutoff",  # the confident-negative cut-off, fitted on val
+        "bonefrac.val_sensitivity",
     ):
         assert version.tags.get(tag), tag
     assert 0 < float(version.tags["bonefrac.threshold"]) < 1
@@ -80,6 +83,12 @@ def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
     # the champions are in the BentoML store and a Bento was built from bentofile.yaml
     os.environ["BENTOML_HOME"] = str(project.parent / "bentoml")
     assert bentoml.models.get(summary["model_tag"]).info.metadata["synthetic"] is True
+    stored = bentoml.models.get(summary["model_tag"])
+    bundle = json.loads((Path(stored.path) / "bundle.json").read_text())
+    for part in ("elbow", "hand", "shoulder"):  # the cut-off and val sensitivity reach serving
+        model = bundle["models"][part]
+        assert 0 <= model["negative_cutoff"] <= model["threshold"]
+        assert model["val_sensitivity"]["split"] == "val"
     assert summary["bento_tag"] and bentoml.get(summary["bento_tag"]).tag.name == "bonefrac"
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"

@@ -68,6 +68,10 @@ def test_fracture_metrics_are_computed_at_both_levels_with_cis(trained):
             (settings.layout.evaluation / part / "operating_point.json").read_text()
         )
         assert 0 < operating_point["threshold"] < 1 and operating_point["temperature"] > 0
+        # the confident-negative cut-off and the sensitivity the page shows: fitted on val
+        assert 0 <= operating_point["negative_cutoff"] <= operating_point["threshold"]
+        sensitivity = operating_point["val_sensitivity"]
+        assert sensitivity["split"] == "val" and sensitivity["interval"] == "Wilson 95%"
     assert 0 <= report["end_to_end"]["routing_accuracy"] <= 1
 
 

@@ -31,6 +31,35 @@ OPERATING_POINTS = {
     "hand": {"threshold": 0.58, "temperature": 0.6, "uncertain_band": 0.05},
     "shoulder": {"threshold": 0.47, "temperature": 2.4, "uncertain_band": 0.02},
 }
+
+
+def _val_sensitivity(detected: int, at_cutoff: int, n: int, ci: tuple, ci_cutoff: tuple) -> dict:
+    """The shape the evaluate stage records (evaluate.binary.val_sensitivity)."""
+
+    def one(k, interval):
+        return {"value": k / n, "ci": list(interval), "detected": k, "n_positive": n}
+
+    return {
+        "split": "val",
+        "level": "study",
+        "interval": "Wilson 95%",
+        "target": 0.95,
+        "at_threshold": one(detected, ci),
+        "at_negative_cutoff": one(at_cutoff, ci_cutoff),
+    }
+
+
+# The confident-negative cut-off (below the threshold, and different per part) with the val
+# sensitivity it was recorded with; the shoulder has none, as in a bundle packaged before they
+# existed, so no shoulder negative may be confident.
+OPERATING_POINTS["elbow"] |= {
+    "negative_cutoff": 0.22,
+    "val_sensitivity": _val_sensitivity(34, 39, 40, (0.71, 0.93), (0.87, 0.996)),
+}
+OPERATING_POINTS["hand"] |= {
+    "negative_cutoff": 0.31,
+    "val_sensitivity": _val_sensitivity(25, 29, 30, (0.66, 0.93), (0.83, 0.994)),
+}
 STARTUP_TIMEOUT_S = 420  # TF import + 4 model loads + graph tracing on 2 busy cores
 
 

@@ -49,11 +49,14 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def analyse(browser, server, *files: Path):
+def analyse(browser, server, *files: Path, age_group: str | None = None):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     browser.get(server.url)
     browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in files))
+    if age_group:
+        Select(browser.find_element(By.ID, "age-group")).select_by_value(age_group)
     browser.find_element(By.ID, "analyse").click()
 
 
@@ -90,6 +93,19 @@ def test_upload_shows_part_finding_recommendation_and_disclaimer(browser, server
     assert draft.is_displayed() and "DRAFT" in draft.text
     assert "What the model detects" in recommendation.text
     assert result.find_element(By.CSS_SELECTOR, "figure.xray img").get_attribute("src")
+    caption = result.find_element(By.CSS_SELECTOR, "figure.xray figcaption").text
+    assert "abnormality score" in caption and "fracture" not in caption
+    assert "abnormality" in browser.title and "fracture" not in browser.title
+    # the age group was not stated: the page says so and shows the short caution, no forced review
+    assert result.find_element(By.CSS_SELECTOR, "[data-field=age-group]").text == "Not stated"
+    caution = recommendation.find_element(By.CSS_SELECTOR, "[data-field=paediatric]")
+    assert "Age group not stated" in caution.text and "Age group not given" in caution.text
+    # the model's sensitivity on val with its interval, or plainly "not recorded"
+    sensitivity = result.find_element(By.CSS_SELECTOR, "[data-field=sensitivity]").text
+    assert ("Wilson 95% CI" in sensitivity and "abnormal val studies" in sensitivity) or (
+        "Not recorded" in sensitivity
+    )
+    assert "Training data: The models were trained on MURA" in recommendation.text
     assert "SYNTHETIC" in result.text
     assert DISCLAIMER in browser.find_element(By.ID, "disclaimer").text
     assert DISCLAIMER in result.find_element(By.CSS_SELECTOR, ".result-disclaimer").text
@@ -137,3 +153,57 @@ def test_page_is_usable_from_the_keyboard(browser, server):
     # Enter on the form with no file chosen explains what to do instead of failing silently.
     analyse_button.send_keys(Keys.ENTER)
     assert "Choose one or more X-ray files" in wait_for(browser, ".error").text
+
+
+def test_age_group_input_gives_a_child_the_paediatric_warnings(browser, server, good_png):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url)
+    select = browser.find_element(By.ID, "age-group")
+    assert select.get_attribute("value") == "unknown"  # the default, and the page asks for it
+    label = browser.find_element(By.CSS_SELECTOR, "label[for=age-group]")
+    assert label.text == "Age group" and "Please state it" in browser.page_source
+    analyse(browser, server, good_png, age_group="child")
+    result = wait_for(browser, "article.result")
+    assert result.find_element(By.CSS_SELECTOR, "[data-field=age-group]").text == "Child"
+    warnings = result.find_element(By.CSS_SELECTOR, "[data-field=paediatric]").text
+    assert "Child: paediatric warnings" in warnings and "Safeguarding" in warnings
+    review = result.find_element(By.CSS_SELECTOR, ".review").text
+    assert "the patient is a child" in review
+
+
+def _is_green(css_colour: str) -> bool:
+    """rgb(a) where green clearly dominates red and blue."""
+    values = [float(v) for v in css_colour[css_colour.index("(") + 1 : -1].split(",")[:3]]
+    red, green, blue = values
+    return green > red + 25 and green > blue + 25
+
+
+def test_negatives_are_never_styled_green_or_routine(browser, server):
+    """The page's own style sheet on the elements a negative result renders (whatever the
+    untrained models answer here): badge, probability bar and urgency banner."""
+    browser.get(server.url)
+    browser.execute_script(
+        """
+        const box = document.createElement("div");
+        box.id = "probe";
+        box.innerHTML =
+          '<span class="badge finding-no-fracture">No abnormality detected</span>' +
+          '<div class="bar"><div class="bar-fill finding-no-fracture"></div></div>' +
+          '<p class="urgency urgency-clinical"></p><p class="urgency urgency-routine"></p>';
+        document.body.append(box);
+        """
+    )
+    styles = browser.execute_script(
+        """
+        return Array.from(document.querySelectorAll("#probe *")).map((node) => {
+          const style = getComputedStyle(node);
+          return [node.className, style.color, style.backgroundColor];
+        });
+        """
+    )
+    assert len(styles) == 5
+    for name, colour, background in styles:
+        assert not _is_green(colour) and not _is_green(background), (name, colour, background)
+    script = browser.execute_script("return fetch('/static/app.js').then((r) => r.text())")
+    assert "urgency_label" in script  # the banner says who sets the urgency, not "ROUTINE"

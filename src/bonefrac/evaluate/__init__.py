@@ -33,7 +33,9 @@ from bonefrac.evaluate.metrics import (
     finding,
     findings,
     multiclass_metrics,
+    negative_cutoff,
     operating_point_problem,
+    sensitivity_interval,
     study_level,
 )
 from bonefrac.evaluate.plots import (
@@ -79,7 +81,9 @@ __all__ = [
     "fit_temperature",
     "model_card",
     "multiclass_metrics",
+    "negative_cutoff",
     "operating_point_problem",
+    "sensitivity_interval",
     "pr_curve_plot",
     "pr_points",
     "read_submission",

@@ -21,7 +21,9 @@ from bonefrac.evaluate.metrics import (
     binary_metrics,
     choose_threshold,
     findings,
+    negative_cutoff,
     operating_point_problem,
+    sensitivity_interval,
     study_level,
 )
 
@@ -42,6 +44,9 @@ class BinaryEvaluation:
     calibration: dict  # ECE before/after temperature scaling on test
     val_study: dict  # val study-level metrics at the chosen threshold
     operating_point_problem: str | None  # why the threshold is unusable on val; None = usable
+    # a "no abnormality" below negative_cutoff is a confident one; both fitted on val studies
+    negative_cutoff: float
+    val_sensitivity: dict  # see val_sensitivity()
     test_studies: pd.DataFrame = field(repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -55,6 +60,8 @@ class BinaryEvaluation:
             "calibration": dict(self.calibration),
             "val_study": dict(self.val_study),
             "operating_point_problem": self.operating_point_problem,
+            "negative_cutoff": self.negative_cutoff,
+            "val_sensitivity": self.val_sensitivity,
             "image": {**self.image, "ci": {k: _ci_list(v) for k, v in self.image_ci.items()}},
             "study": {**self.study, "ci": {k: _ci_list(v) for k, v in self.study_ci.items()}},
         }
@@ -65,6 +72,7 @@ class BinaryEvaluation:
             "threshold": self.threshold,
             "temperature": self.temperature,
             "uncertain_share": self.uncertain_share,
+            "negative_cutoff": self.negative_cutoff,
             **self.calibration,
         }
         for level, metrics, cis in (
@@ -111,6 +119,9 @@ def evaluate_binary(
     threshold = choose_threshold(
         val_studies["label"], val_studies["prob"], cfg.threshold_method, cfg.target_sensitivity
     )
+    cutoff = negative_cutoff(
+        val_studies["label"], val_studies["prob"], threshold, cfg.negative_sensitivity
+    )
 
     test = test_frame.assign(
         prob_uncalibrated=test_frame["prob"],
@@ -147,5 +158,22 @@ def evaluate_binary(
         operating_point_problem=operating_point_problem(
             val_studies["label"], val_studies["prob"], threshold
         ),
+        negative_cutoff=cutoff,
+        val_sensitivity=val_sensitivity(val_studies, threshold, cutoff, cfg.negative_sensitivity),
         test_studies=studies,
     )
+
+
+def val_sensitivity(studies: pd.DataFrame, threshold: float, cutoff: float, target: float) -> dict:
+    """What the service shows next to a finding: the model's study-level sensitivity on val
+    (never test) with Wilson 95% intervals, at the decision threshold and at the confident-
+    negative cut-off (chosen to reach `target`)."""
+    labels, probs = studies["label"], studies["prob"]
+    return {
+        "split": "val",
+        "level": "study",
+        "interval": "Wilson 95%",
+        "target": target,
+        "at_threshold": sensitivity_interval(labels, probs, threshold),
+        "at_negative_cutoff": sensitivity_interval(labels, probs, cutoff),
+    }

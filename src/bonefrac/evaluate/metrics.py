@@ -164,6 +164,45 @@ def operating_point_problem(labels: Sequence[int], probs: Sequence[float], thres
     return None
 
 
+def negative_cutoff(
+    labels: Sequence[int], probs: Sequence[float], threshold: float, target_sensitivity: float
+) -> float:
+    """The probability below which a negative counts as a confident one, fitted on val studies.
+
+    The highest cut whose sensitivity (abnormal studies at or above it) still reaches the
+    target: a "no abnormality" below it is one the model rarely gets wrong for abnormal studies
+    (prevalence-independent, unlike the NPV). Never above the decision threshold. With no
+    abnormal val study the sensitivity cannot be measured: 0.0, so no negative is confident."""
+    labels = np.asarray(labels, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    if not labels.any() or not _two_classes(labels):
+        return 0.0
+    cut = choose_threshold(labels, probs, "sensitivity", target_sensitivity)
+    return float(min(cut, threshold))
+
+
+def sensitivity_interval(
+    labels: Sequence[int], probs: Sequence[float], cut: float, confidence: float = 0.95
+) -> dict:
+    """Sensitivity of `prob >= cut` with its Wilson score interval (scipy), JSON-ready:
+    {value, ci: [low, high], detected, n_positive}; value and ci are None with no positives."""
+    from scipy.stats import binomtest
+
+    labels = np.asarray(labels, dtype=int)
+    positive = labels == 1
+    n = int(positive.sum())
+    detected = int((np.asarray(probs, dtype=float)[positive] >= cut).sum())
+    if n == 0:
+        return {"value": None, "ci": None, "detected": 0, "n_positive": 0}
+    ci = binomtest(detected, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return {
+        "value": detected / n,
+        "ci": [float(ci.low), float(ci.high)],
+        "detected": detected,
+        "n_positive": n,
+    }
+
+
 # --- body part (multiclass) ------------------------------------------------------------------
 
 

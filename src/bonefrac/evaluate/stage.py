@@ -147,7 +147,7 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
         body_part=forward[BODY_PART_MODEL],
         fracture={p: forward[p] for p in parts},
         points={
-            p: OperatingPoint(e.threshold, e.temperature, e.uncertain_band)
+            p: OperatingPoint(e.threshold, e.temperature, e.uncertain_band, e.negative_cutoff)
             for p, e in evaluations.items()
         },
     )
@@ -243,6 +243,8 @@ def _fracture_reports(part, evaluation, folder: Path, plots_dir: Path, settings,
         "temperature": evaluation.temperature,
         "uncertain_band": evaluation.uncertain_band,
         "threshold_method": evaluation.threshold_method,
+        "negative_cutoff": evaluation.negative_cutoff,
+        "val_sensitivity": evaluation.val_sensitivity,
     }
     (folder / OPERATING_POINT).write_text(json.dumps(operating_point, indent=2) + "\n")
     plots_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,10 +18,21 @@ from pydantic import Field, ValidationError
 
 from bonefrac import DISCLAIMER
 from bonefrac.errors import UserError
+from bonefrac.recommend.result import (  # noqa: F401 - re-exported for callers and tests
+    DRAFT_NOTICE,
+    FINDING_LABELS,
+    NEGATIVE_CAUTION,
+    REVIEW_ADVICE,
+    URGENCY_LABELS,
+    Recommendation,
+    Source,
+)
 from bonefrac.recommend.schema import (  # noqa: F401 - re-exported for callers and tests
+    AGE_GROUPS,
     BANDS,
     FINDINGS,
     PARTS,
+    AgeGroup,
     Band,
     Finding,
     Governance,
@@ -43,19 +53,6 @@ DEFAULT_THRESHOLD = 0.5
 # threshold to the nearest extreme (1 for fracture, 0 for no fracture). With threshold 0.5:
 # p >= 0.8 or p <= 0.2. Model probabilities are only as trustworthy as their calibration.
 DEFAULT_HIGH_CONFIDENCE_MARGIN = 0.6
-REVIEW_ADVICE = "Have a radiologist review the images before acting on this result."
-DRAFT_NOTICE = (
-    "DRAFT CONTENT: not approved by a clinical reviewer; not for clinical use until a reviewer "
-    "signs it off."
-)
-# The model's finding in words: MURA's positive label is "abnormal", not "fracture".
-FINDING_LABELS = {
-    "fracture": "abnormality suspected (fracture, hardware, degenerative change, ...)",
-    "no_fracture": "no abnormality detected",
-    "uncertain": "uncertain",
-}
-
-# Guidance must never state a dose ("per local protocol" instead): a number, in digits or words,
 
 # -- engine ----------------------------------------------------------------------------------
 
@@ -65,101 +62,9 @@ class RecommendationContext(_Frozen):
 
     ood: bool = False  # the image looks unlike the training images (PCA reconstruction error)
     study_images: int | None = Field(None, ge=1)  # images in the study; 1 = a single view
-
-
-class Source(_Frozen):
-    id: str
-    title: str
-    section: str
-    url: str | None = None
-
-
-class Recommendation(_Frozen):
-    """Guidance for one model result. `.to_text()` for people, `.model_dump(mode="json")` for the
-    service and the web page. `finding`/`confidence` are what the guidance was chosen for: they
-    fall back to "uncertain"/"low" when the model's output cannot be used (OOD, unknown part)."""
-
-    body_part: str | None
-    body_part_covered: bool
-    model_finding: Finding
-    finding: Finding
-    probability: float
-    threshold: float
-    confidence: Band
-    summary: str
-    urgency: UrgencyStatement
-    immediate_care: tuple[Statement, ...]
-    further_imaging: tuple[Statement, ...]
-    referral: Statement
-    red_flags: tuple[Statement, ...]
-    follow_up: Statement
-    review_by_radiologist: bool
-    review_advice: str | None
-    review_reasons: tuple[str, ...]
-    scope: Statement
-    sources: tuple[Source, ...]
-    content_version: str
-    content_status: str
-    disclaimer: str
-    # added in content 2026.11.1: what "fracture" means here, and the content's sign-off
-    detects: str = ""
-    content_reviewed: bool = False
-    governance: Governance | None = None
-
-    def to_text(self, width: int = 100) -> str:
-        """Plain text for the CLI: sections, numbered citations, sources, disclaimer."""
-        number = {source.id: i for i, source in enumerate(self.sources, start=1)}
-
-        def para(text: str, first: str = "", rest: str = "") -> str:
-            return textwrap.fill(
-                text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
-            )
-
-        def cited(statement: Statement) -> str:
-            refs = ", ".join(str(n) for n in sorted(number[s] for s in statement.sources))
-            return f"{statement.text} [{refs}]"
-
-        part = self.body_part if self.body_part_covered else f"{self.body_part!r} (not covered)"
-        finding = FINDING_LABELS[self.finding]
-        if self.model_finding != self.finding:
-            finding += f" (model said {FINDING_LABELS[self.model_finding]})"
-        lines = [
-            para(
-                f"bonefrac recommendation: {part}, {finding} (probability "
-                f"{self.probability:.2f}, threshold {self.threshold:.2f}, confidence "
-                f"{self.confidence})"
-            ),
-            self.disclaimer,  # never wrapped, so it is always found whole
-            "",
-            para(self.summary),
-            para(f"What the model detects: {self.detects}"),
-            "",
-            para(f"Urgency: {self.urgency.level.upper()}. {cited(self.urgency)}", rest="  "),
-        ]
-        sections = [
-            ("Immediate care", self.immediate_care),
-            ("Further imaging", self.further_imaging),
-            ("Referral", (self.referral,)),
-            ("Red flags (need emergency care)", self.red_flags),
-            ("Follow-up", (self.follow_up,)),
-        ]
-        for title, statements in sections:
-            lines += ["", f"{title}:"]
-            lines += [para(cited(s), "  - ", "    ") for s in statements]
-        lines.append("")
-        if self.review_by_radiologist:
-            lines.append(para(f"Radiologist review: {self.review_advice}"))
-            lines.append(para("Why: " + "; ".join(self.review_reasons) + ".", "  ", "  "))
-        else:
-            lines.append(para("Radiologist review: the images still get the usual formal report."))
-        lines += ["", para(f"Scope: {cited(self.scope)}"), "", "Sources:"]
-        for i, source in enumerate(self.sources, start=1):
-            url = f" {source.url}" if source.url else ""
-            lines.append(para(f"[{i}] {source.title}. {source.section}.{url}", "  ", "      "))
-        lines += ["", para(f"Content version {self.content_version}. {self.content_status}")]
-        if not self.content_reviewed:
-            lines.append(DRAFT_NOTICE)  # never wrapped, so it is always found whole
-        return "\n".join(lines) + "\n"
+    age_group: AgeGroup = "unknown"  # child: paediatric warnings + review; unknown: a caution
+    single_image: bool = False  # one image sent alone (/predict): the study's other views unseen
+    views_disagree: bool = False  # a study's views fall on both sides of the threshold
 
 
 def normalise_body_part(name: str | None) -> str | None:
@@ -174,9 +79,15 @@ def confidence_band(
     probability: float,
     threshold: float = DEFAULT_THRESHOLD,
     high_confidence_margin: float = DEFAULT_HIGH_CONFIDENCE_MARGIN,
+    negative_cutoff: float | None = None,
 ) -> Band:
     """ "high" when the probability is at least `high_confidence_margin` of the way from the
-    threshold to 1 (fracture side) or to 0 (no-fracture side); otherwise "low"."""
+    threshold to 1 (fracture side) or to 0 (no-fracture side); otherwise "low".
+
+    On the no-fracture side a `negative_cutoff` (fitted on val for a target sensitivity, from
+    the bundle) replaces the margin: "high" only below it. The service always passes one."""
+    if probability < threshold and negative_cutoff is not None:
+        return "high" if probability < negative_cutoff else "low"
     room = (1.0 - threshold) if probability >= threshold else threshold
     return "high" if abs(probability - threshold) / room >= high_confidence_margin else "low"
 
@@ -199,7 +110,8 @@ def _context(context: RecommendationContext | Mapping[str, Any] | None) -> Recom
         return RecommendationContext.model_validate(dict(context))
     except (ValidationError, TypeError, ValueError) as exc:
         problem = _describe(exc.errors()[0]) if isinstance(exc, ValidationError) else str(exc)
-        raise UserError(f"context: {problem} (known keys: ood, study_images)") from None
+        known = ", ".join(RecommendationContext.model_fields)
+        raise UserError(f"context: {problem} (known keys: {known})") from None
 
 
 def recommend(
@@ -211,6 +123,7 @@ def recommend(
     threshold: float = DEFAULT_THRESHOLD,
     band: Band | None = None,
     high_confidence_margin: float = DEFAULT_HIGH_CONFIDENCE_MARGIN,
+    negative_cutoff: float | None = None,
     knowledge: Knowledge | None = None,
 ) -> Recommendation:
     """The sourced recommendation for one model result (pure: same inputs, same output).
@@ -218,10 +131,13 @@ def recommend(
     `probability` is the model's fracture probability and `threshold` the one the finding was
     made at; "fracture" needs probability >= threshold and "no_fracture" below it. The
     confidence band comes from the distance to the threshold (see `confidence_band`) unless
-    `band` gives one, e.g. from a calibrated interval. `context` may say `ood=True` (forces the
-    uncertain, radiologist-review guidance) or `study_images`. A body part other than elbow,
-    hand or shoulder (or None) gets the generic radiologist-review guidance. Raises UserError
-    for bad arguments and KnowledgeError for a bad knowledge file.
+    `band` gives one, e.g. from a calibrated interval; `negative_cutoff` (the bundle's, fitted
+    on val) decides which negatives are confident. `context` may say `ood=True` (forces the
+    uncertain, radiologist-review guidance), `study_images`, `age_group` (child: paediatric
+    warnings and review; unknown, the default: a short caution), `single_image` (one image sent
+    alone: the part's standard views are asked for) or `views_disagree` (review). A body part
+    other than elbow, hand or shoulder (or None) gets the generic radiologist-review guidance.
+    Raises UserError for bad arguments and KnowledgeError for a bad knowledge file.
     """
     if finding not in FINDINGS:
         raise UserError(f"finding {finding!r} is not one of {', '.join(FINDINGS)}")
@@ -231,6 +147,8 @@ def recommend(
         raise UserError(f"high_confidence_margin {high_confidence_margin!r} must be in (0, 1]")
     if band is not None and band not in BANDS:
         raise UserError(f"band {band!r} is not one of high, low")
+    if negative_cutoff is not None:
+        negative_cutoff = _unit_interval("negative_cutoff", negative_cutoff)
     if (finding == "fracture" and probability < threshold) or (
         finding == "no_fracture" and probability >= threshold
     ):
@@ -243,7 +161,7 @@ def recommend(
     ctx = _context(context)
     kb = knowledge or load_knowledge()
     part = normalise_body_part(body_part)
-    band = band or confidence_band(probability, threshold, high_confidence_margin)
+    band = band or confidence_band(probability, threshold, high_confidence_margin, negative_cutoff)
 
     # 1. Why the result needs a radiologist before anyone acts on it (empty = not flagged).
     reasons = []
@@ -258,6 +176,16 @@ def recommend(
         reasons.append("the probability is close to the threshold (low confidence)")
     if ctx.study_images == 1:
         reasons.append("the study has a single image, and fractures need at least two views")
+    if ctx.views_disagree:
+        reasons.append(
+            "the views disagree: one looks abnormal and another does not, and the study "
+            "probability (their mean) can dilute a finding seen on one view only"
+        )
+    if ctx.age_group == "child":
+        reasons.append(
+            "the patient is a child: children's injuries are easily missed and the models were "
+            "trained mostly on adults"
+        )
 
     # 2. Which guidance: when the model's output cannot be used, the uncertain/low path.
     unusable = part is None or ctx.ood
@@ -266,15 +194,17 @@ def recommend(
     entry = kb.generic if part is None else kb.entry(part, guide_finding, guide_band)
     further = entry.further_imaging
     views = getattr(kb.parts, part).standard_views if part else None
-    if views is not None and ctx.study_images == 1 and views not in further:
-        further = (views, *further)
+    one_view = ctx.study_images == 1 or ctx.single_image
+    if views is not None and one_view and views not in further:
+        further = (views, *further)  # the single-view safeguard (e.g. AP-only shoulder)
+    paediatric = _paediatric(kb, part, ctx.age_group)
     if entry.radiologist_review and not reasons:
         reasons.append("the guidance for this result asks for it")
     review = bool(reasons)
 
     # 3. Sources in order of first citation, so the text numbers them [1], [2], ...
-    cited = [entry.urgency, *entry.immediate_care, *further, entry.referral, *entry.red_flags]
-    cited += [entry.follow_up, kb.scope]
+    cited = [*paediatric, entry.urgency, *entry.immediate_care, *further, entry.referral]
+    cited += [*entry.red_flags, entry.follow_up, kb.scope, kb.trained_on]
     ids = dict.fromkeys(s for statement in cited for s in statement.sources)
     sources = tuple(Source(id=i, **kb.citations[i].model_dump()) for i in ids)
 
@@ -304,4 +234,20 @@ def recommend(
         detects=kb.detects,
         content_reviewed=kb.reviewed,
         governance=kb.governance,
+        age_group=ctx.age_group,
+        paediatric=paediatric,
+        trained_on=kb.trained_on,
+        negative_cutoff=negative_cutoff,
+        negative_caution=NEGATIVE_CAUTION if finding == "no_fracture" else None,
+        urgency_label=URGENCY_LABELS[entry.urgency.level],
     )
+
+
+def _paediatric(kb: Knowledge, part: str | None, age_group: str) -> tuple[Statement, ...]:
+    """Children's warnings: every one for a child (with the part's own), the short caution when
+    the age group is unknown, none for an adult."""
+    if age_group == "child":
+        return (*kb.paediatric.child, *kb.paediatric.child_parts.get(part, ()))
+    if age_group == "unknown":
+        return (kb.paediatric.unknown_age,)
+    return ()

@@ -33,10 +33,14 @@ from bonefrac.errors import UserError
 
 Finding = Literal["fracture", "no_fracture", "uncertain"]
 Band = Literal["high", "low"]
-Urgency = Literal["emergency", "urgent", "soon", "routine"]
+# "clinical": the urgency is set by the clinical assessment, not by the model (negatives)
+Urgency = Literal["emergency", "urgent", "soon", "routine", "clinical"]
 FINDINGS: tuple[Finding, ...] = ("fracture", "no_fracture", "uncertain")
 BANDS: tuple[Band, ...] = ("high", "low")
 PARTS = ("elbow", "hand", "shoulder")
+Part = Literal["elbow", "hand", "shoulder"]
+AgeGroup = Literal["adult", "child", "unknown"]
+AGE_GROUPS: tuple[AgeGroup, ...] = ("adult", "child", "unknown")
 
 # followed by any unit in this explicit list.
 DOSE_UNITS = (
@@ -146,6 +150,15 @@ class Parts(_Frozen):
     shoulder: PartGuidance
 
 
+class Paediatric(_Frozen):
+    """Children's warnings. Children are outside the models' training data (MURA, mostly adults)
+    and their injuries are the classic misses, so a child's result always asks for review."""
+
+    unknown_age: Statement  # short caution shown when the age group is not given
+    child: tuple[Statement, ...] = Field(min_length=1)  # every child's study
+    child_parts: dict[Part, tuple[Statement, ...]] = Field(default_factory=dict)  # per part
+
+
 class Governance(_Frozen):
     """Who signed the content off, when, until when, and where it applies. Left empty (status
     "draft") until a real clinical reviewer signs; bonefrac's authors never fill it in."""
@@ -171,11 +184,13 @@ class Knowledge(_Frozen):
     content_status: _Text
     governance: Governance
     detects: _Text  # what the model's "fracture" finding means (MURA's "abnormal" label)
+    trained_on: Statement  # the training data (MURA: mostly adults), shown with every result
     citations: dict[str, Citation] = Field(min_length=1)
     scope: Statement
     shared: dict[str, Statement] = Field(default_factory=dict)  # anchors for repeated statements
     generic: Entry  # body part not covered by the model: clinical assessment + radiologist
     parts: Parts
+    paediatric: Paediatric
 
     def entry(self, part: str, finding: Finding, band: Band) -> Entry:
         return getattr(getattr(getattr(self.parts, part), finding), band)
@@ -236,6 +251,9 @@ def _statements(node: Any, path: str) -> Iterator[tuple[str, Statement]]:
     elif isinstance(node, tuple):
         for i, item in enumerate(node):
             yield from _statements(item, f"{path}.{i}")
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            yield from _statements(item, f"{path}.{key}")
     elif isinstance(node, BaseModel) and not isinstance(node, Citation):
         for name in type(node).model_fields:
             yield from _statements(getattr(node, name), f"{path}.{name}" if path else name)
@@ -258,6 +276,13 @@ def _cross_check(kb: Knowledge) -> list[str]:
     for path, entry in must_review:
         if not entry.radiologist_review:
             problems.append(f"{path}.radiologist_review: must be true for uncertain guidance")
+    for part in PARTS:  # a negative must never read as permission to discharge
+        for band in BANDS:
+            if kb.entry(part, "no_fracture", band).urgency.level == "routine":
+                problems.append(
+                    f"parts.{part}.no_fracture.{band}.urgency.level: must not be 'routine' (a "
+                    "normal result does not rule out injury; use 'clinical')"
+                )
     return problems
 
 

@@ -29,7 +29,6 @@ from bonefrac.config import PreprocessConfig, ServeConfig
 from bonefrac.errors import DataError, UserError
 from bonefrac.imaging import ImageError, downsample, preprocess_bytes
 from bonefrac.inference import (
-    BODY_PART_MIN_CONFIDENCE,
     OOD_LIMIT,
     Decisions,
     OodGate,
@@ -39,35 +38,20 @@ from bonefrac.inference import (
 )
 from bonefrac.models import BODY_PART_MODEL
 from bonefrac.recommend import load_knowledge, recommend
+from bonefrac.serving.responses import (  # noqa: F401 - re-exported: callers and tests use them
+    SYNTHETIC_NOTICE,
+    OutOfDistribution,
+    PredictionError,
+    check_age_group,
+    error_body,
+    notices,
+    unit_json,
+    view_agreement,
+)
 
 API_VERSION = "2"  # the response schema; every response carries it as `api_version`
 MAX_STUDY_IMAGES = 8
 VERSION_KEYS = ("run_id", "version", "registered_name")  # what identifies a model in responses
-SYNTHETIC_NOTICE = (
-    "These models were trained on SYNTHETIC images (the demo dataset), not real radiographs: "
-    "their output says nothing about real X-rays."
-)
-
-
-class PredictionError(UserError):
-    """A request the models cannot answer; `.code` is short and stable for machines."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class OutOfDistribution(PredictionError):
-    """The image does not look like the radiographs the models were trained on."""
-
-    def __init__(self, score: float, where: str = "the image") -> None:
-        super().__init__(
-            f"{where} does not look like an elbow, hand or shoulder radiograph (out-of-"
-            f"distribution score {score:.2f} > {OOD_LIMIT:.0f}); send an X-ray of one of these "
-            "parts, or set allow_ood to analyse it anyway",
-            "out_of_distribution",
-        )
-        self.score = score
 
 
 def _compiled(model, size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -186,28 +170,53 @@ class Predictor:
 
     # -- public predictions -------------------------------------------------------------------
 
-    def predict_bytes(self, data: bytes, *, explain: bool = False, allow_ood: bool = False) -> dict:
+    def predict_bytes(
+        self,
+        data: bytes,
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
+    ) -> dict:
         """One uploaded file -> the response JSON (see `predict_image`)."""
-        return self.predict_image(self.preprocess(data), explain=explain, allow_ood=allow_ood)
+        age_group = check_age_group(age_group)
+        return self.predict_image(
+            self.preprocess(data), explain=explain, allow_ood=allow_ood, age_group=age_group
+        )
 
     def predict_image(
-        self, image: np.ndarray, *, explain: bool = False, allow_ood: bool = False
+        self,
+        image: np.ndarray,
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
         """One preprocessed image -> body part, calibrated fracture probability and finding,
         recommendation, quality, optional Grad-CAM heatmap. Raises OutOfDistribution when the
-        image fails the OOD gate and `allow_ood` is not set."""
+        image fails the OOD gate and `allow_ood` is not set. The image is judged alone, so the
+        recommendation asks for the part's standard views (the single-view safeguard)."""
+        age_group = check_age_group(age_group)
         images = image[None]
         ood = self.ood_scores(images)
         self._gate(ood, allow_ood)
         decisions = decide(self.core, route(self.core, images), ood)
         result = self._result(decisions, 0)
-        result["recommendation"] = self._recommendation(result)
+        result["age_group"] = age_group
+        result["recommendation"] = self._recommendation(
+            result, age_group=age_group, single_image=True
+        )
         if explain:
             result.update(self._explain(str(decisions.part[0]), images)[0])
         return self._envelope(result, "image")
 
     def predict_study(
-        self, files: Sequence[bytes], *, explain: bool = False, allow_ood: bool = False
+        self,
+        files: Sequence[bytes],
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
         """Several images of one study -> the study result (body part from the mean body-part
         probabilities; fracture probability = mean of the images' calibrated probabilities,
@@ -226,12 +235,22 @@ class Predictor:
                 images.append(self.preprocess(data))
             except ImageError as exc:
                 raise ImageError(f"image {i} of {len(files)}: {exc}", exc.code) from None
-        return self.predict_study_images(np.stack(images), explain=explain, allow_ood=allow_ood)
+        return self.predict_study_images(
+            np.stack(images), explain=explain, allow_ood=allow_ood, age_group=age_group
+        )
 
     def predict_study_images(
-        self, batch: np.ndarray, *, explain: bool = False, allow_ood: bool = False
+        self,
+        batch: np.ndarray,
+        *,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
-        """`predict_study` on (N, S, S, 3) preprocessed images."""
+        """`predict_study` on (N, S, S, 3) preprocessed images. The study probability stays the
+        MURA mean; `views` flags views on both sides of the threshold (a finding on one view
+        that the mean may dilute), and such a study asks for radiologist review."""
+        age_group = check_age_group(age_group)
         ood = self.ood_scores(batch)
         for i, score in enumerate(ood, start=1):
             self._gate(np.array([score]), allow_ood, where=f"image {i} of {len(batch)}")
@@ -245,7 +264,14 @@ class Predictor:
                 result.update(extra)
         result = self._result(study, 0)
         result["n_images"] = len(batch)
-        result["recommendation"] = self._recommendation(result, study_images=len(batch))
+        result["age_group"] = age_group
+        result["views"] = view_agreement(per_image, study.threshold[0])
+        result["recommendation"] = self._recommendation(
+            result,
+            study_images=len(batch),
+            age_group=age_group,
+            views_disagree=result["views"]["disagree"],
+        )
         result["images"] = images
         return self._envelope(result, "study")
 
@@ -263,7 +289,8 @@ class Predictor:
             decisions = decide(self.core, route(self.core, batch[keep]), ood[keep])
             for j, i in enumerate(keep):
                 result = self._result(decisions, j)
-                result["recommendation"] = self._recommendation(result)
+                result["age_group"] = "unknown"
+                result["recommendation"] = self._recommendation(result, single_image=True)
                 out[i] = self._envelope(result, "image")
         return out
 
@@ -292,38 +319,13 @@ class Predictor:
 
     # -- response pieces ----------------------------------------------------------------------
 
-    def _result(self, decisions: Decisions, i: int) -> dict:
-        """Body part, fracture and quality of unit i (an image or a study) as JSON."""
-        accepted = bool(decisions.accepted[i])
-        return {
-            "body_part": self._body_part(decisions.body_probs[i]),
-            "fracture": {
-                "model": str(decisions.part[i]),
-                "probability": float(decisions.prob[i]),
-                "uncalibrated_probability": float(decisions.raw[i]),
-                "finding": str(decisions.finding[i]),
-                "model_finding": str(decisions.model_finding[i]),
-                "threshold": float(decisions.threshold[i]),
-                "uncertain_band": float(decisions.band[i]),
-            },
-            "quality": {
-                "ood_score": float(decisions.ood[i]),
-                "accepted": accepted,
-                "ood_limit": OOD_LIMIT,
-            },
-        }
+    def _negative_cutoff(self, part: str) -> float:
+        cutoff = self.core.points[part].negative_cutoff
+        return 0.0 if cutoff is None else cutoff  # not recorded: no negative is confident
 
-    def _body_part(self, probs: np.ndarray) -> dict:
-        best = int(probs.argmax())
-        return {
-            "label": self.classes[best],
-            "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)},
-            "confident": bool(probs[best] >= BODY_PART_MIN_CONFIDENCE),
-        }
-
-    def _recommendation(self, result: dict, study_images: int | None = None) -> dict:
+    def _recommendation(self, result: dict, study_images: int | None = None, **context) -> dict:
         fracture = result["fracture"]
-        context = {"ood": not result["quality"]["accepted"], "study_images": study_images}
+        context |= {"ood": not result["quality"]["accepted"], "study_images": study_images}
         try:
             rec = recommend(
                 fracture["model"],
@@ -331,6 +333,7 @@ class Predictor:
                 fracture["probability"],
                 context,
                 threshold=fracture["threshold"],
+                negative_cutoff=fracture["negative_cutoff"],
                 knowledge=self.knowledge,
             )
         except UserError as exc:  # the bundle's operating point, not the request: a 5xx
@@ -358,39 +361,31 @@ class Predictor:
                     "target": "abnormal",
                     "model": part,
                     "empty": bool(heatmap.max() == 0),
-                    "meaning": "red = regions that raised the fracture score most; blue = least",
+                    "meaning": "red = regions that raised the abnormality score most; blue = least",
                 },
             }
             for image, heatmap in zip(images, heatmaps, strict=True)
         ]
 
+    def _result(self, decisions: Decisions, i: int) -> dict:
+        """Body part, abnormality finding and quality of unit i (an image or a study)."""
+        part = str(decisions.part[i])
+        return unit_json(
+            decisions,
+            i,
+            self.classes,
+            negative_cutoff=self._negative_cutoff(part),
+            sensitivity=self.manifest["models"][part].get("val_sensitivity"),
+        )
+
     def _envelope(self, result: dict, level: str) -> dict:
         """What every response carries besides the prediction itself."""
-        notices = [SYNTHETIC_NOTICE] if self.synthetic else []
-        body = result["body_part"]
-        if not body["confident"]:
-            top = body["probabilities"][body["label"]]
-            notices.append(
-                f"The body part is uncertain (most likely {body['label']}, probability "
-                f"{top:.2f} < {BODY_PART_MIN_CONFIDENCE:.2f}), so the finding is 'uncertain'."
-            )
-        if not result["quality"]["accepted"]:
-            notices.append(
-                "The image does not look like the radiographs the models were trained on; it was "
-                "analysed only because the override was set, so the finding is 'uncertain'."
-            )
         return {
             "api_version": API_VERSION,
             "level": level,
             **result,
             "model_versions": self.versions,
             "synthetic_models": self.synthetic,
-            "notices": notices,
+            "notices": notices(result, self.synthetic),
             "disclaimer": DISCLAIMER,
         }
-
-
-def error_body(exc: Exception) -> dict:
-    """`{"error": {"code", "message"}}` for a UserError: the shape every bad input gets."""
-    code = getattr(exc, "code", "bad_request")
-    return {"error": {"code": code, "message": str(exc)}}

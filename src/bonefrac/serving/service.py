@@ -36,7 +36,7 @@ from bonefrac import DISCLAIMER
 from bonefrac.config import ServeConfig
 from bonefrac.errors import UserError
 from bonefrac.imaging import ImageError
-from bonefrac.recommend.engine import require_reviewed
+from bonefrac.recommend.engine import KnowledgeError, load_knowledge, require_reviewed
 from bonefrac.serving import uploads
 from bonefrac.serving.uploads import ERROR_HEADER
 
@@ -65,6 +65,7 @@ STATUS = {
     "out_of_distribution": 422,
     "too_many_images": 422,
     "internal": 500,
+    "unreviewed_content": 503,
 }  # everything else: 400
 
 
@@ -179,33 +180,68 @@ class BonefracService:
         stored = self.bundle
         self.settings = serve_settings()
         self.max_bytes = int(self.settings.max_upload_mb * 1_000_000)
+        # Draft (clinically unreviewed) guidance is refused unless serve.allow_unreviewed. The
+        # service then stays up without loading a model: /readyz answers 503 and every
+        # prediction a 503 naming the reason (raising here would only make BentoML respawn the
+        # worker in a loop). `bonefrac serve` refuses before starting at all.
+        self.refusal: str | None = None
+        try:
+            knowledge = load_knowledge(self.settings.knowledge)
+            require_reviewed(knowledge, self.settings.allow_unreviewed, "serve")
+        except KnowledgeError as exc:
+            self.refusal = str(exc)
+            logger.error("refusing to serve: %s", exc)
+            return
         self.predictor = Predictor.from_bundle(
             Path(stored.path), self.settings, source=str(stored.tag)
         )
-        # Draft (clinically unreviewed) guidance is refused unless serve.allow_unreviewed.
-        require_reviewed(self.predictor.knowledge, self.settings.allow_unreviewed)
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz: not ready while the guidance is refused."""
+        return self.refusal is None
+
+    def _answer(self, api: str, work: Callable[[], dict]) -> dict | JSONResponse:
+        if self.refusal is not None:
+            return error_response("unreviewed_content", self.refusal, 503)
+        return answer(api, work)
 
     @bentoml.api(route="/predict")
-    def predict(self, image: Path, explain: bool = False, allow_ood: bool = False) -> dict:
-        """One X-ray (PNG, JPEG or DICOM) -> body part, fracture finding, recommendation."""
+    def predict(
+        self,
+        image: Path,
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
+    ) -> dict:
+        """One X-ray (PNG, JPEG or DICOM) -> body part, abnormality finding, recommendation.
+        age_group: adult, child or unknown (the default)."""
 
         def work() -> dict:
             data = read_upload(image, self.max_bytes)
-            return self.predictor.predict_bytes(data, explain=explain, allow_ood=allow_ood)
+            return self.predictor.predict_bytes(
+                data, explain=explain, allow_ood=allow_ood, age_group=age_group
+            )
 
-        return answer("predict", work)
+        return self._answer("predict", work)
 
     @bentoml.api(route="/predict_study")
     def predict_study(
-        self, images: list[Path], explain: bool = False, allow_ood: bool = False
+        self,
+        images: list[Path],
+        explain: bool = False,
+        allow_ood: bool = False,
+        age_group: str = "unknown",
     ) -> dict:
-        """Several views of one study -> the study result (MURA mean) and each image's."""
+        """Several views of one study -> the study result (MURA mean), each image's, and a flag
+        when the views disagree. age_group: adult, child or unknown (the default)."""
 
         def work() -> dict:
             data = [read_upload(path, self.max_bytes) for path in images]
-            return self.predictor.predict_study(data, explain=explain, allow_ood=allow_ood)
+            return self.predictor.predict_study(
+                data, explain=explain, allow_ood=allow_ood, age_group=age_group
+            )
 
-        return answer("predict_study", work)
+        return self._answer("predict_study", work)
 
     @bentoml.api(
         route="/predict_batch", batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=30_000
@@ -215,6 +251,9 @@ class BonefracService:
         item gets the /predict result or its own `{"error": ...}`; no explain, no override.
         FrontDoor has bounded the body and the file count; `decode` refuses a file over the size
         limit and turns any decoding failure into that file's own 4xx error."""
+        if self.refusal is not None:
+            refused = {"error": {"code": "unreviewed_content", "message": self.refusal}}
+            return [refused for _ in images]
         try:
             return self.predictor.predict_batch_bytes([path.read_bytes() for path in images])
         except Exception:
@@ -228,7 +267,7 @@ def _routes() -> dict[str, uploads.Route]:
 
     cfg = serve_settings()
     one = int(cfg.max_upload_mb * 1_000_000) + MULTIPART_OVERHEAD
-    options, wait = frozenset({"explain", "allow_ood"}), cfg.body_timeout_s
+    options, wait = frozenset({"explain", "allow_ood", "age_group"}), cfg.body_timeout_s
     return {
         "/predict": uploads.Route(one, "image", 1, options, wait, "too_many_files"),
         "/predict_study": uploads.Route(

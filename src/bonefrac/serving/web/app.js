@@ -15,6 +15,8 @@
   let chosen = [];
   let objectUrls = [];
 
+  const AGE_GROUPS = { adult: "Adult", child: "Child", unknown: "Not stated" };
+
   const FINDINGS = {
     // The model detects MURA's "abnormal" label, not fractures as such (the API keeps its keys).
     fracture: { label: "Abnormality suspected (fracture, hardware, degenerative change, …)", css: "fracture" },
@@ -113,6 +115,7 @@
     files.forEach((file) => body.append(single ? "image" : "images", file, file.name));
     body.append("explain", $("explain").checked ? "true" : "false");
     body.append("allow_ood", $("allow-ood").checked ? "true" : "false");
+    body.append("age_group", $("age-group").value);
 
     analyseButton.disabled = true;
     statusLine.textContent = single ? "Analysing the image…" : `Analysing the study of ${files.length} images…`;
@@ -229,9 +232,9 @@
 
   function heatmapCaption(info) {
     if (info && info.empty) {
-      return el("span", { class: "muted", text: "Heatmap: no region raised the fracture score." });
+      return el("span", { class: "muted", text: "Heatmap: no region raised the abnormality score." });
     }
-    return el("span", { class: "muted", text: "Heatmap: red = regions that raised the fracture score most." });
+    return el("span", { class: "muted", text: "Heatmap: red = regions that raised the abnormality score most." });
   }
 
   function renderFacts(data, study) {
@@ -251,6 +254,10 @@
       el("dd", {}, probabilityBar(data.fracture)),
       el("dt", { text: "Finding" }),
       el("dd", { "data-field": "finding" }, findingBadge(data.fracture.finding)),
+      el("dt", { text: "Model sensitivity" }),
+      el("dd", { "data-field": "sensitivity" }, sensitivityText(data.fracture)),
+      el("dt", { text: "Age group" }),
+      el("dd", { "data-field": "age-group" }, AGE_GROUPS[data.age_group] || AGE_GROUPS.unknown),
       el("dt", { text: "Image quality" }),
       el(
         "dd",
@@ -262,6 +269,23 @@
       ),
     );
     return facts;
+  }
+
+  // The model's sensitivity on validation studies (never the test split), with its interval.
+  function sensitivityText(fracture) {
+    const s = fracture.sensitivity;
+    if (!s || !s.at_threshold || s.at_threshold.value === null) {
+      return "Not recorded for this model: treat every result with caution.";
+    }
+    const range = (x) => `${percent(x.value)} (${s.interval} CI ${percent(x.ci[0])}–${percent(x.ci[1])}, ${x.detected}/${x.n_positive} abnormal ${s.split} studies)`;
+    const parts = [`${range(s.at_threshold)} at the threshold.`];
+    if (s.at_negative_cutoff && s.at_negative_cutoff.value !== null) {
+      parts.push(
+        ` A “no abnormality” counts as confident only below ${percent(fracture.negative_cutoff)}, ` +
+          `a cut-off chosen to catch ${percent(s.target)} of abnormal studies: ${range(s.at_negative_cutoff)}.`,
+      );
+    }
+    return parts.join("");
   }
 
   function probabilityBar(fracture) {
@@ -285,7 +309,7 @@
         {
           class: "bar",
           role: "meter",
-          "aria-label": "Fracture probability",
+          "aria-label": "Abnormality probability",
           "aria-valuemin": "0",
           "aria-valuemax": "100",
           "aria-valuenow": (100 * p).toFixed(0),
@@ -336,12 +360,15 @@
       el(
         "p",
         { class: `urgency urgency-${rec.urgency.level}` },
-        el("span", { class: "urgency-level", text: rec.urgency.level.toUpperCase() }),
+        el("span", { class: "urgency-level", text: rec.urgency_label || rec.urgency.level.toUpperCase() }),
         " ",
         rec.urgency.text,
         cite(rec.urgency),
       ),
       el("p", { class: "rec-summary", text: rec.summary }),
+      rec.negative_caution
+        ? el("p", { class: "negative-caution", role: "note", "data-field": "negative-caution" }, el("strong", { text: rec.negative_caution }))
+        : null,
       rec.detects ? el("p", { class: "muted small detects", text: `What the model detects: ${rec.detects}` }) : null,
     );
     if (rec.content_reviewed === false) {
@@ -351,6 +378,17 @@
           { class: "draft-banner", role: "note", "data-field": "draft" },
           el("strong", { text: "DRAFT guidance: " }),
           "not approved by a clinical reviewer; not for clinical use until a reviewer signs it off.",
+        ),
+      );
+    }
+    if (rec.paediatric && rec.paediatric.length) {
+      const heading = rec.age_group === "child" ? "Child: paediatric warnings" : "Age group not stated";
+      section.append(
+        el(
+          "div",
+          { class: `paediatric paediatric-${rec.age_group}`, "data-field": "paediatric" },
+          el("h4", { text: heading }),
+          el("ul", {}, rec.paediatric.map(line)),
         ),
       );
     }
@@ -376,6 +414,7 @@
         block("Red flags: seek emergency care", rec.red_flags),
       ),
       el("p", { class: "muted" }, "Scope: ", rec.scope.text, cite(rec.scope)),
+      rec.trained_on ? el("p", { class: "muted", "data-field": "trained-on" }, "Training data: ", rec.trained_on.text, cite(rec.trained_on)) : null,
       el("h4", { text: "Sources" }),
       el(
         "ol",
