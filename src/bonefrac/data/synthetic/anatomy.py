@@ -85,12 +85,11 @@ def _elbow(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Dra
 def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Drawing]:
     """PA hand: forearm bones at the bottom, a cluster of carpals, then five rays of
     metacarpals and phalanges fanning upwards, the thumb off to the side."""
-    wrist = _p(128 + rng.normal(0, 5), 178 + rng.normal(0, 5))  # room for the distal radius
+    wrist = _p(128 + rng.normal(0, 5), 200 + rng.normal(0, 5))
     spread = rng.uniform(0.8, 1.3)  # fingers together or splayed
     # Distal radius and metacarpal (boxer's) fractures, the commonest hand-film fractures; a
-    # phalanx is left out because at 64 px it is a few pixels wide, and a metacarpal is only
-    # a little wider, so most breaks are in the distal radius, 1-4 cm above the joint (Colles').
-    broken = rng.choice(["radius", "metacarpal"], p=[0.7, 0.3]) if fracture else None
+    # phalanx is left out because at 64 px it is a few pixels wide.
+    broken = rng.choice(["radius", "metacarpal"]) if fracture else None
     broken_ray = int(rng.integers(1, 5))
 
     tissue.ellipse(wrist + _p(0, -42), (60, 55), 0, 1.0)
@@ -102,7 +101,7 @@ def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Draw
             wrist + _p(-22, 160),
             rng.uniform(26, 32),
             rng,
-            fracture_at=rng.uniform(0.1, 0.3) if broken == "radius" else None,
+            fracture_at=rng.uniform(0.2, 0.45) if broken == "radius" else None,
             tissue=tissue,
         ),
         _long_bone(wrist + _p(22, 20), wrist + _p(24, 160), rng.uniform(17, 21), rng),
