@@ -30,7 +30,7 @@ def _images(paths: list[Path], cfg) -> np.ndarray:
 
 
 def untrained_bundle(
-    size: int, out: Path, mura: Path, calibration: int = 64, val: int = 60
+    size: int, out: Path, mura: Path, calibration: int = 100, val: int = 60
 ) -> Path:
     import keras
 
@@ -63,7 +63,7 @@ def untrained_bundle(
         groups = np.unique([p.parent for p in valid], return_inverse=True)[1]
         data[part] = GateData(x_train, x_val, labels, groups, 0.5, 1.0)
     data["body_part"] = GateData(
-        np.concatenate(train_all)[rng.permutation(calibration * 3)[:calibration]],
+        np.concatenate(train_all)[rng.permutation(sum(map(len, train_all)))[:calibration]],
         np.concatenate(val_all),
         np.array(val_parts),
     )
