@@ -250,3 +250,39 @@ def test_openvino_that_cannot_compile_falls_back_to_tensorflow_with_one_log_line
     assert [r["fracture"]["probability"] for r in results] == [
         r["fracture"]["probability"] for r in reference
     ]
+
+
+def test_packaging_records_the_test_split_through_the_served_runtime(
+    optimized, gate_data, quick_settings, tmp_path
+):
+    """packaging.record_served_evaluation on a cache-shaped test split: the recorded numbers
+    are what the default runtime answers, and the bundle stays intact."""
+    import pandas as pd
+
+    from bonefrac.bundle_integrity import verify_bundle
+    from bonefrac.cache import Cache
+    from bonefrac.packaging import record_served_evaluation
+
+    images = np.concatenate([gate_data[p].validation for p in PARTS])
+    labels = np.concatenate([gate_data[p].labels for p in PARTS])
+    parts = [p for p in PARTS for _ in gate_data[p].validation]
+    index = pd.DataFrame(
+        {
+            "path": [f"img{i}.png" for i in range(len(images))],
+            "split": "test",
+            "body_part": parts,
+            "patient_id": [f"p{i // 2}" for i in range(len(images))],
+            "study_id": [f"s{i // 2}" for i in range(len(images))],
+            "study_path": [f"s{i // 2}/" for i in range(len(images))],
+            "label": labels,
+        }
+    )
+    bundle = tmp_path / "bundle"
+    shutil.copytree(optimized, bundle)
+    cache = Cache(images=images, index=index, meta={"image_size": SIZE})
+    served = record_served_evaluation(bundle, quick_settings, cache)
+    manifest = _manifest(bundle)
+    verify_bundle(bundle, manifest)
+    assert manifest["served_evaluation"] == json.loads(json.dumps(served))
+    assert served["runtime"]["name"] in ("openvino-int8", "tensorflow")
+    assert served["image"]["n"] == len(images)
