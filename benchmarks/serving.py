@@ -1,22 +1,26 @@
-"""Serving speed, against the raw TensorFlow forward passes in the same run:
+"""Serving speed per runtime, against raw TensorFlow fp32 in the same run.
 
-(a) single-request latency: POST /predict (upload, decode, preprocess, OOD gate, both models,
-    calibration, recommendation, JSON) vs the two compiled forward passes (body part + that
-    part's fracture model) on the same preprocessed image;
-(b) throughput: N concurrent clients for a fixed time through /predict_batch (adaptive
-    batching) and through /predict, vs the raw forward passes at batch size N. The load must
-    end with zero errors; the worker's memory (RSS) is reported at its start and end.
+(0) the CPU: `lscpu`'s model name and flags (machines differ; only ratios of one run count);
+(1) raw forward passes (body part + that part's fracture model) on the same preprocessed image:
+    TensorFlow fp32 `tf.function` vs OpenVINO fp32 vs OpenVINO int8 (NNCF), batch 1 and 16:
+    p50 / p95 latency, img/s, ratio to TensorFlow;
+(2) the service's own overhead: `Predictor.predict_bytes` (decode, preprocess, OOD gate,
+    calibration, recommendation) + JSON with forward passes that cost nothing;
+(3) the service end to end per runtime (`serve.runtime`): single-request POST /predict
+    latency, then N concurrent clients through /predict_batch (adaptive batching) vs the
+    same runtime's raw throughput at the batch size the service formed and at batch N.
 
 Usage (the service and this script each hold the models; only one runs at a time):
-    BENTOML_HOME=... python benchmarks/serving.py                 # bonefrac:latest in the store
-    python benchmarks/serving.py --bundle /tmp/bundle              # imported into a temp store
-    python benchmarks/serving.py --size 224     # untrained ResNet50s at 224 px: real-size compute
-    [--image X.png] [--clients 8] [--duration 30] [--requests 60] [--out results.json]
+    python benchmarks/serving.py --size 224 --data DIR   # untrained ResNet50s at 224 px
+    python benchmarks/serving.py --bundle /tmp/bundle    # a packaged bundle (with its IR)
+    [--runtimes tensorflow,openvino-fp32,openvino-int8] [--clients 8] [--duration 20]
+    [--requests 40] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -32,7 +36,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import compare, dump, time_it  # noqa: E402
+from bench_bundle import untrained_bundle  # noqa: E402
+from harness import dump, time_it  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +48,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, env: dict[str, str], bundle: Path | None, log: Path):
-    command = [sys.executable, "-m", "bonefrac.cli", "serve", "--port", str(port)]
+def start_server(port: int, env: dict[str, str], bundle: Path | None, log: Path, params: Path):
+    command = [sys.executable, "-m", "bonefrac.cli", "--params", str(params)]
+    command += ["serve", "--port", str(port)]
     if bundle is not None:
         command += ["--bundle", str(bundle)]
     with log.open("wb") as out:
@@ -117,43 +123,6 @@ def load(url: str, route: str, field: str, image: bytes, clients: int, seconds: 
     }
 
 
-def untrained_bundle(size: int, out: Path) -> Path:
-    """A bundle of untrained ResNet50s at `size` px (speed does not depend on the weights) with
-    a PCA fitted on the demo data's training images, for timing at the real input size."""
-    import keras
-
-    from bonefrac.bundle import write_bundle
-    from bonefrac.config import PcaConfig, Settings, TrainConfig
-    from bonefrac.imaging import preprocess_file
-    from bonefrac.models import build_classifier
-    from bonefrac.pca import fit
-
-    settings = Settings().model_copy(
-        update={"preprocess": Settings().preprocess.model_copy(update={"image_size": size})}
-    )
-    parts = ("elbow", "hand", "shoulder")
-    files = {}
-    for name, outputs in (("body_part", 3), *((p, 1) for p in parts)):
-        files[name] = out / f"{name}.keras"
-        build_classifier(outputs, size, TrainConfig(weights="none"), name).save(files[name])
-        keras.backend.clear_session()
-    train = sorted((ROOT / "data/MURA-v1.1/train").rglob("*.png"))[:300]
-    images = np.stack([preprocess_file(p, settings.preprocess) for p in train])
-    pca = fit(images, PcaConfig())
-    pca.save(out / "pca.joblib")
-    points = {p: {"threshold": 0.5, "temperature": 1.0, "uncertain_band": 0.1} for p in parts}
-    versions = {"body_part": {"classes": list(parts), "run_id": f"untrained-{size}px"}}
-    return write_bundle(
-        out / "bundle",
-        settings,
-        files,
-        points,
-        out / "pca.joblib",
-        versions,
-        ood_gate=pca.ood_gate(),
-    )
-
-
 def mean_batch_size(url: str) -> float | None:
     """Mean adaptive batch size of /predict_batch so far, from BentoML's Prometheus metrics."""
     total = count = 0.0
@@ -166,102 +135,201 @@ def mean_batch_size(url: str) -> float | None:
     return total / count if count else None
 
 
+def cpu_info() -> dict:
+    """lscpu's model name and flags: the machine these numbers belong to."""
+    fields = {}
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = fields.get("Flags", "").split()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "avx512_bf16")
+    info = {
+        "model_name": fields.get("Model name", "?"),
+        "cpus": fields.get("CPU(s)", "?"),
+        "inference_flags": [f for f in wanted if f in flags],
+    }
+    print(f"CPU: {info['model_name']}, {info['cpus']} CPUs")
+    print(f"lscpu flags: {' '.join(flags)}")
+    return info
+
+
+def timing(name: str, fn, items: int, repeat: int) -> dict:
+    t = time_it(name, fn, repeat=repeat, warmup=3, items=items)
+    return {"median_ms": t.median_s * 1e3, "p95_ms": t.p95_s * 1e3, "images_per_s": t.per_second}
+
+
+def raw_runtimes(bundle: Path, runtimes: list[str], image: bytes, repeat: int) -> dict:
+    """The two-model forward of each runtime on one preprocessed image, batch 1 and 16."""
+    from bonefrac.serving.predictor import Predictor
+
+    out, predictors = {}, {}
+    for runtime in runtimes:
+        predictor = Predictor.from_bundle(bundle, warm_up=False, runtime=runtime)
+        if predictor.runtime_info["name"] != runtime:
+            print(f"{runtime}: not available here ({predictor.runtime.note}); skipped")
+            continue
+        predictors[runtime] = predictor
+        x = predictor.preprocess(image)[None]  # (1, S, S, 3) uint8, as served
+        part = predictor.classes[int(np.asarray(predictor.core.body_part(x)).argmax())]
+
+        def forward(batch, p=predictor, part=part):
+            p.core.body_part(batch)
+            p.core.fracture[part](batch)
+
+        rows = {}
+        for batch in (1, 8, 16):
+            xb = np.repeat(x, batch, axis=0)
+            rows[batch] = timing(f"{runtime} b{batch}", lambda xb=xb: forward(xb), batch, repeat)
+        out[runtime] = rows
+    base = out.get("tensorflow")
+    print(
+        f"\n{'raw two-model forward':<16} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} "
+        f"{'img/s':>8} {'vs TF p50':>9} {'vs TF img/s':>11}"
+    )
+    for runtime, rows in out.items():
+        for batch, row in rows.items():
+            if base:
+                row["speedup_p50"] = base[batch]["median_ms"] / row["median_ms"]
+                row["speedup_img_s"] = row["images_per_s"] / base[batch]["images_per_s"]
+            print(
+                f"{runtime:<16} {batch:>5} {row['median_ms']:9.1f} {row['p95_ms']:9.1f} "
+                f"{row['images_per_s']:8.1f} {row.get('speedup_p50', 1):8.2f}x "
+                f"{row.get('speedup_img_s', 1):10.2f}x"
+            )
+    return out, predictors
+
+
+def service_overhead(predictor, image: bytes, repeat: int) -> dict:
+    """predict_bytes + JSON with free forward passes: everything but the models, in-process."""
+    from bonefrac.runtimes import Loaded
+    from bonefrac.serving.predictor import Predictor
+
+    outputs = {n: (3 if n == "body_part" else 1) for n in predictor.manifest["models"]}
+    free = {n: (lambda x, k=k: np.full((len(x), k), 1 / k, np.float32)) for n, k in outputs.items()}
+    stub = Predictor(
+        predictor.manifest,
+        predictor._keras,
+        predictor.gate,
+        predictor.serve,
+        "stub",
+        Loaded("none", free, dict.fromkeys(free, "none")),
+    )
+    inproc = timing(
+        "overhead", lambda: json.dumps(stub.predict_bytes(image, allow_ood=True)), 1, repeat
+    )
+    real = timing(
+        "predict_bytes",
+        lambda: json.dumps(predictor.predict_bytes(image, allow_ood=True)),
+        1,
+        repeat,
+    )
+    print(
+        f"service overhead in-process (decode, preprocess, OOD, calibration, recommendation, "
+        f"JSON; free models): p50 {inproc['median_ms']:.1f} ms"
+    )
+    return {"in_process": inproc, "predict_bytes_with_models": real}
+
+
+def service_runtime(runtime: str, args, env, bundle, image: bytes, scratch: Path, raw: dict):
+    params = scratch / f"params-{runtime}.yaml"
+    params.write_text(f"serve:\n  runtime: {runtime}\n  allow_unreviewed: true\n")
+    process, url = start_server(free_port(), env, bundle, scratch / f"server-{runtime}.log", params)
+    try:
+        with httpx.Client(timeout=120) as http:
+            form = {"allow_ood": "true"}  # untrained models: time them even if the gate objects
+            served = http.post(f"{url}/predict", files={"image": ("x.png", image)}, data=form)
+            served = served.json()
+            print(f"\nservice with serve.runtime={runtime}: responses say {served['runtime']}")
+
+            def request() -> None:
+                response = http.post(f"{url}/predict", files={"image": ("x.png", image)}, data=form)
+                assert response.status_code == 200, response.text
+
+            single = timing(f"POST /predict {runtime}", request, 1, args.requests)
+        batched = load(url, "/predict_batch", "images", image, args.clients, args.duration)
+        batched["mean_batch_size"] = mean_batch_size(url)
+        formed = max(1, round(batched["mean_batch_size"] or 1))
+        near = min(raw, key=lambda b: abs(b - formed))
+        batched["ratio_to_raw_at_formed_batch"] = (
+            batched["images_per_s"] / raw[near]["images_per_s"]
+        )
+        batched["raw_batch_compared"] = near
+        batched["ratio_to_raw_batch_8"] = batched["images_per_s"] / raw[8]["images_per_s"]
+        print(
+            f"POST /predict p50 {single['median_ms']:.1f} ms p95 {single['p95_ms']:.1f} ms "
+            f"(raw forward b1 {raw[1]['median_ms']:.1f} ms); /predict_batch {args.clients} "
+            f"clients: {batched['images_per_s']:.1f} img/s, {batched['errors']} errors, mean "
+            f"batch {batched['mean_batch_size']}, {batched['ratio_to_raw_at_formed_batch']:.2f}x "
+            f"raw b{near}, {batched['ratio_to_raw_batch_8']:.2f}x raw b8"
+        )
+        return {
+            "served_runtime": served["runtime"],
+            "predict": single,
+            "batched": batched,
+            "rss_mb": worker_rss_mb(process.pid),
+        }
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--size", type=int, default=None, help="time untrained models at this size")
+    parser.add_argument("--data", type=Path, default=ROOT / "data", help="folder of MURA-v1.1/")
     parser.add_argument("--image", type=Path, default=None)
+    parser.add_argument("--runtimes", default="tensorflow,openvino-fp32,openvino-int8")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=30)
-    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=20, help="raw timing repeats per batch")
+    parser.add_argument("--no-service", action="store_true", help="raw runtimes and overhead only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
-    temp_home = work = None
-    if args.size is not None:
-        work = Path(tempfile.mkdtemp(prefix="bonefrac-bench-"))
-        args.bundle = untrained_bundle(args.size, work)
-    if args.bundle is not None:
-        temp_home = Path(tempfile.mkdtemp(prefix="bonefrac-bench-bentoml-"))
-        env["BENTOML_HOME"] = str(temp_home)
-        bundle = args.bundle
-    else:
-        import bentoml
-
-        bundle = Path(bentoml.models.get("bonefrac:latest").path)
-    image_path = args.image or sorted((ROOT / "data/MURA-v1.1/valid").rglob("*.png"))[0]
-    image = image_path.read_bytes()
-
-    from bonefrac.serving.predictor import Predictor
-
-    scratch = Path(tempfile.mkdtemp(prefix="bonefrac-bench-log-"))
-    process, url = start_server(free_port(), env, args.bundle, scratch / "server.log")
+    results = {"cpu": cpu_info()}
+    mura = args.data / "MURA-v1.1"
+    scratch = Path(tempfile.mkdtemp(prefix="bonefrac-bench-"))
+    env["BENTOML_HOME"] = str(scratch / "bentoml")
     try:
-        raw = Predictor.from_bundle(bundle)  # same models, same compiled graphs as the service
-        x = raw.preprocess(image)[None].astype(np.float32)  # (1, S, S, 3)
-        part = raw.classes[int(np.asarray(raw._forward["body_part"](x)).argmax())]
-        print(f"bundle {bundle} ({raw.size} px, synthetic={raw.synthetic}); image {image_path}")
-
-        def forward(batch: np.ndarray) -> None:
-            raw._forward["body_part"](batch)
-            raw._forward[part](batch)
-
-        results = []
-        with httpx.Client(timeout=120) as http:
-
-            def request() -> None:
-                response = http.post(f"{url}/predict", files={"image": ("x.png", image)})
-                assert response.status_code == 200, response.text
-
-            latency = compare(
-                "POST /predict vs raw two-model forward",
-                request,
-                lambda: forward(x),
-                repeat=args.requests,
-                warmup=5,
-                unit="img",
-            )
-        results.append(latency)
-
-        n = args.clients
-        xb = np.repeat(x, n, axis=0)
-        raw_batched = time_it(f"raw forward, batch {n}", lambda: forward(xb), repeat=20, items=n)
-        print(f"raw forward at batch {n}: {raw_batched.per_second:.1f} img/s")
-        rss_start = worker_rss_mb(process.pid)
-        batched = load(url, "/predict_batch", "images", image, n, args.duration)
-        batched["mean_batch_size"] = mean_batch_size(url)
-        unbatched = load(url, "/predict", "image", image, n, args.duration)
-        rss_end = worker_rss_mb(process.pid)
-        for run in (batched, unbatched):
-            run["ratio_to_raw_batched"] = run["images_per_s"] / raw_batched.per_second
-            print(
-                f"{run['route']:<15} {n} clients {run['seconds']:.0f} s: {run['requests']} ok, "
-                f"{run['errors']} errors, {run['images_per_s']:.1f} img/s "
-                f"({run['ratio_to_raw_batched']:.2f}x raw batched), p50 {run['p50_ms']:.0f} ms"
-            )
-        print(
-            f"worker RSS {rss_start:.0f} MB at the start of the load, {rss_end:.0f} MB at the end"
+        if args.size is not None:
+            args.bundle = untrained_bundle(args.size, scratch, mura)
+        if args.bundle is None:
+            raise SystemExit("pass --bundle DIR (a packaged bundle) or --size PX")
+        image_path = args.image or sorted((mura / "valid").rglob("*.png"))[0]
+        image = image_path.read_bytes()
+        runtimes = args.runtimes.split(",")
+        raw, predictors = raw_runtimes(args.bundle, runtimes, image, args.repeat)
+        results["raw"] = raw
+        first = next(iter(predictors.values()))
+        print(f"bundle {args.bundle} ({first.size} px); image {image_path}")
+        results["overhead"] = service_overhead(predictors[runtimes[-1]], image, args.requests)
+        results["overhead"]["share_of_int8_forward"] = (
+            results["overhead"]["in_process"]["median_ms"] / raw["openvino-int8"][1]["median_ms"]
+            if "openvino-int8" in raw
+            else None
         )
-        results.append(
-            {
-                "name": "throughput",
-                "raw_batched_images_per_s": raw_batched.per_second,
-                "adaptive_batching": batched,
-                "no_batching": unbatched,
-                "worker_rss_mb": {"start": rss_start, "end": rss_end},
-                "image_size": raw.size,
-                "synthetic_models": raw.synthetic,
+        del predictors, first
+        if not args.no_service:
+            results["service"] = {
+                r: service_runtime(r, args, env, args.bundle, image, scratch, raw[r]) for r in raw
             }
-        )
-        dump(results, args.out)
+            base = results["service"].get("tensorflow")
+            for r, row in results["service"].items():
+                if base:
+                    row["predict_speedup_vs_tf_service"] = (
+                        base["predict"]["median_ms"] / row["predict"]["median_ms"]
+                    )
+                    print(
+                        f"{r}: /predict p50 {row['predict']['median_ms']:.1f} ms = "
+                        f"{row['predict_speedup_vs_tf_service']:.2f}x faster than TF service"
+                    )
+        dump([results], args.out)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        for folder in (temp_home, work, scratch):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,23 @@ class ServeConfig(_Section):
     # and whether draft (clinically unreviewed) content may be served (demo/tests only).
     knowledge: Path | None = None
     allow_unreviewed: bool = False
+    # What scores requests (bonefrac.runtimes): auto = the fastest variant that passed the
+    # packaging accuracy gate and that this CPU supports; TensorFlow if OpenVINO cannot compile.
+    runtime: Literal["auto", "openvino-int8", "openvino-bf16", "openvino-fp32", "tensorflow"] = (
+        "auto"
+    )
+
+
+class PackageConfig(_Section):
+    """Packaging's OpenVINO export, int8 quantization and the accuracy gate against fp32."""
+
+    openvino: bool = True  # export OpenVINO IR (fp32 + int8) into the bundle
+    calibration_images: int = Field(300, ge=1)  # train-split images for NNCF calibration
+    gate_max_delta_p: float = Field(0.1, gt=0, le=1)  # per image |p_int8 - p_fp32|
+    gate_max_flip_rate: float = Field(0.01, ge=0, le=1)  # decisions changed at the threshold
+    gate_max_delta_auroc: float = Field(0.005, ge=0)
+    gate_max_delta_kappa: float = Field(0.01, ge=0)  # study kappa (body part: image kappa)
+    seed: int = 42
 
 
 class Layout(BaseModel):
@@ -274,6 +291,7 @@ class Settings(_Section):
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    package: PackageConfig = PackageConfig()
 
     @property
     def mura_root(self) -> Path:

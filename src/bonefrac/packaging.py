@@ -114,6 +114,8 @@ def package_champions(
             data_version_tag(settings),
             is_synthetic(settings.paths.data),
         )
+        if settings.package.openvino:
+            add_openvino(bundle, settings, points, client, champions)
         model_tag = save_to_bentoml(bundle)
     bento_tag = build_bento(settings) if build else None
     return {
@@ -121,6 +123,73 @@ def package_champions(
         "bento_tag": bento_tag,
         "versions": {n: c.version for n, c in champions.items()},
     }
+
+
+def add_openvino(bundle: Path, settings: Settings, points: dict, client, champions: dict) -> dict:
+    """OpenVINO IR + NNCF int8 of every bundled model, calibrated on train and gated on val
+    (`bonefrac.optimize`); the outcome goes into bundle.json and onto each model version."""
+    from bonefrac.bundle import read_bundle
+    from bonefrac.cache import load_cache
+    from bonefrac.optimize import add_to_bundle, gate_data
+
+    manifest = read_bundle(bundle)
+    cache = load_cache(settings.layout.preprocessed)
+    if cache.meta.get("preprocess") != manifest["preprocess"]:
+        section = add_to_bundle(
+            bundle,
+            None,
+            settings.package,
+            skipped="the preprocessed cache does not match the champions' preprocessing, so "
+            "nothing served-like can calibrate and gate them: serving uses TensorFlow",
+        )
+    else:
+        classes = manifest["models"][BODY_PART_MODEL].get("classes") or manifest["parts"]
+        data = {
+            name: gate_data(cache, name, classes, points.get(name), settings.package)
+            for name in manifest["models"]
+        }
+        section = add_to_bundle(bundle, data, settings.package)
+        record_served_evaluation(bundle, settings, cache)
+    for name, champion in champions.items():
+        entry = section.get("models", {}).get(name, {})
+        int8 = entry.get("int8", {"passed": False, "reason": section.get("skipped", "")})
+        verdict = "passed" if int8.get("passed") else f"fp32 kept: {int8.get('reason', '')}"
+        guarded(
+            client,
+            "tagging",
+            client.set_model_version_tag,
+            champion.name,
+            champion.version,
+            "bonefrac.openvino.int8",
+            verdict[:5000],
+        )
+    return section
+
+
+def record_served_evaluation(bundle: Path, settings: Settings, cache) -> dict:
+    """The test split end to end through the runtime the service picks for this bundle on this
+    host (`serve.runtime`), recorded in bundle.json as `served_evaluation`: the evaluate stage
+    measured the Keras fp32 models; this is what int8 serving answers. Reported, never used
+    to choose anything (invariant 2)."""
+    from bonefrac.bundle import BUNDLE_FILE, read_bundle
+    from bonefrac.bundle_integrity import write_manifest
+    from bonefrac.evaluate.end_to_end import evaluate_bundle
+    from bonefrac.serving.predictor import Predictor
+
+    predictor = Predictor.from_bundle(bundle, settings.serve, warm_up=False)
+    runtime = predictor.runtime_info
+    result = evaluate_bundle(
+        predictor.core, predictor.gate, cache, settings.evaluate, runtime["name"]
+    )
+    served = {"runtime": runtime} | {
+        level: {k: result.metrics[level].get(k) for k in ("n", "kappa", "auroc", "accuracy")}
+        for level in ("image", "study")
+    }
+    manifest = read_bundle(bundle)
+    manifest["served_evaluation"] = served
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(bundle)
+    return served
 
 
 def _packaging_problem(version) -> str | None:

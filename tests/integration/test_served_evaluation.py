@@ -41,7 +41,10 @@ def served(pipeline_run):
 
     project, settings, _ = pipeline_run
     runs = json.loads((settings.layout.models / "runs.json").read_text())
-    predictor = Predictor.from_bundle(_packaged_bundle(project, runs), warm_up=False)
+    # the evaluate stage measured the Keras fp32 models: the service on that runtime must agree
+    predictor = Predictor.from_bundle(
+        _packaged_bundle(project, runs), warm_up=False, runtime="tensorflow"
+    )
     cache = load_cache(settings.layout.preprocessed)
     test = cache.index[cache.index["split"] == "test"]
     data_dir = find_mura_root(settings.paths.data).parent
@@ -108,3 +111,26 @@ def test_bundle_re_evaluated_with_its_serving_runtime_gives_the_recorded_numbers
         for key in ("kappa", "accuracy", "n", "tp", "fp"):
             assert again.metrics[level][key] == pytest.approx(report[level][key], abs=1e-9)
         assert again.metrics[f"{level}_answers"] == pytest.approx(report[f"{level}_answers"])
+
+
+def test_bundle_records_what_its_default_runtime_answers_on_the_test_split(pipeline_run, served):
+    """Packaging evaluated the bundle through the runtime the service picks by default
+    (int8 where it passed the gate): re-running that runtime gives the recorded numbers."""
+    from bonefrac.evaluate.end_to_end import evaluate_bundle
+    from bonefrac.serving.predictor import Predictor
+
+    project, settings, _ = pipeline_run
+    _, _, cache, _ = served
+    runs = json.loads((settings.layout.models / "runs.json").read_text())
+    bundle = _packaged_bundle(project, runs)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    recorded = manifest["served_evaluation"]
+    predictor = Predictor.from_bundle(bundle, warm_up=False)  # serve.runtime: auto
+    assert predictor.runtime_info == recorded["runtime"]
+    assert "openvino" in manifest and manifest["openvino"]["models"].keys() == runs.keys()
+    again = evaluate_bundle(
+        predictor.core, predictor.gate, cache, settings.evaluate, predictor.runtime_info["name"]
+    )
+    for level in ("image", "study"):
+        for key in ("kappa", "auroc", "n"):
+            assert again.metrics[level][key] == pytest.approx(recorded[level][key], abs=1e-9)

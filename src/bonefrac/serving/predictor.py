@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bonefrac import DISCLAIMER
+from bonefrac import DISCLAIMER, runtimes
 from bonefrac.bundle import BUNDLE_FORMAT, MODEL_FILE, load_ood_gate, operating_points, read_bundle
 from bonefrac.config import PreprocessConfig, ServeConfig
 from bonefrac.errors import DataError, UserError
@@ -38,6 +38,7 @@ from bonefrac.inference import (
 )
 from bonefrac.models import BODY_PART_MODEL
 from bonefrac.recommend import load_knowledge, recommend
+from bonefrac.runtimes import TENSORFLOW, Loaded
 from bonefrac.serving.responses import (  # noqa: F401 - re-exported: callers and tests use them
     SYNTHETIC_NOTICE,
     OutOfDistribution,
@@ -75,6 +76,7 @@ class Predictor:
         gate: OodGate,
         serve: ServeConfig,
         source: str,
+        loaded: Loaded | None = None,
     ) -> None:
         self.manifest = manifest
         self.serve = serve
@@ -87,8 +89,12 @@ class Predictor:
         missing = [c for c in self.classes if c not in models]
         if missing:
             raise DataError(f"the bundle has no fracture model for {', '.join(missing)}")
-        self._keras = models
-        forward = {name: _compiled(m, self.size) for name, m in models.items()}
+        self._keras = models  # Grad-CAM always runs on these (Keras fp32)
+        if loaded is None:  # the Keras models themselves
+            forward = {name: _compiled(m, self.size) for name, m in models.items()}
+            loaded = Loaded(TENSORFLOW, forward, dict.fromkeys(models, TENSORFLOW))
+        self.runtime = loaded
+        forward = loaded.forwards
         self.core = TwoStage(
             classes=tuple(self.classes),
             body_part=forward[BODY_PART_MODEL],
@@ -108,6 +114,8 @@ class Predictor:
                 for name, meta in manifest["models"].items()
             },
         }
+        # which runtime scores requests, and each model's variant (int8 falls back per model)
+        self.runtime_info = {"name": loaded.runtime, "models": dict(loaded.per_model)}
 
     @classmethod
     def from_bundle(
@@ -117,9 +125,11 @@ class Predictor:
         *,
         source: str | None = None,
         warm_up: bool = True,
+        runtime: str | None = None,
     ) -> Predictor:
         """Load a bundle folder (see `bonefrac.bundle`). `source` names it in responses (the
-        BentoML tag); `warm_up` traces every graph now, so no request pays for it."""
+        BentoML tag); `warm_up` traces every graph now, so no request pays for it; `runtime`
+        (default `serve.runtime`) picks what scores requests (see `bonefrac.runtimes`)."""
         import keras
 
         path = Path(path)
@@ -131,13 +141,15 @@ class Predictor:
             if not file.is_file():
                 raise DataError(f"{file} not found: package the models again")
             models[name] = keras.models.load_model(file, compile=False)
-        predictor = cls(
+        serve = serve or ServeConfig()
+        size = int(manifest["image_size"])
+        loaded = runtimes.load(
+            runtime or serve.runtime,
+            path,
             manifest,
-            models,
-            load_ood_gate(path),
-            serve or ServeConfig(),
-            source or path.name,
+            lambda: {name: _compiled(m, size) for name, m in models.items()},
         )
+        predictor = cls(manifest, models, load_ood_gate(path), serve, source or path.name, loaded)
         if warm_up:
             predictor.warm_up()
         return predictor
@@ -385,6 +397,7 @@ class Predictor:
             "level": level,
             **result,
             "model_versions": self.versions,
+            "runtime": self.runtime_info,
             "synthetic_models": self.synthetic,
             "notices": notices(result, self.synthetic),
             "disclaimer": DISCLAIMER,

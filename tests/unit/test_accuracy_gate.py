@@ -1,0 +1,100 @@
+"""The int8 accuracy gate's arithmetic on plain arrays (no models): each limit bites on its own,
+decisions are taken after the temperature at the part's threshold, study kappa on study means,
+and the runtime choice follows the verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bonefrac.config import PackageConfig
+from bonefrac.inference import apply_temperature, logits
+from bonefrac.optimize import GateData, accuracy_gate
+from bonefrac.runtimes import BF16, FP32, INT8, TENSORFLOW, available, variant_of
+
+CFG = PackageConfig()
+RNG = np.random.default_rng(7)
+N = 200
+LABELS = RNG.integers(0, 2, N)
+RAW = np.clip(0.15 + 0.7 * LABELS + RNG.normal(0, 0.2, N), 0.01, 0.99)[:, None]  # (N, 1)
+DATA = GateData(
+    calibration=np.zeros((1, 4, 4), np.uint8),
+    validation=np.zeros((N, 4, 4), np.uint8),
+    labels=LABELS,
+    groups=np.arange(N) // 2,  # studies of two images
+    threshold=0.43,
+    temperature=1.8,
+)
+
+
+def test_identical_outputs_pass():
+    result = accuracy_gate(RAW, RAW.copy(), DATA, CFG)
+    assert result.passed and result.metrics["flips"] == 0 and result.metrics["max_delta_p"] == 0
+
+
+def test_small_noise_passes_and_reports_the_largest_change():
+    noisy = RAW + RNG.normal(0, 1e-4, RAW.shape)
+    result = accuracy_gate(RAW, noisy, DATA, CFG)
+    assert result.passed, result.reason
+    served = apply_temperature(RAW[:, 0], 1.8)
+    assert result.metrics["max_delta_p"] == pytest.approx(
+        np.abs(apply_temperature(noisy[:, 0], 1.8) - served).max()
+    )
+
+
+def test_one_flip_in_a_hundred_is_the_limit_at_the_served_threshold():
+    served = apply_temperature(RAW[:, 0], DATA.temperature)
+    order = np.argsort(np.abs(served - DATA.threshold))  # the images nearest the threshold
+    for flipped, passes in ((2, True), (3, False)):  # 2/200 = 1% passes, 3/200 = 1.5% fails
+        moved = served.copy()
+        moved[order[:flipped]] = np.where(served[order[:flipped]] >= 0.43, 0.4299, 0.4301)
+        raw = apply_temperature(moved, 1 / DATA.temperature)[:, None]  # back to raw outputs
+        result = accuracy_gate(RAW, raw, DATA, CFG)
+        assert result.metrics["flips"] == flipped
+        assert ("decisions flipped" not in result.reason) == passes, result.reason
+
+
+def test_each_limit_bites_on_its_own():
+    shifted = RAW.copy()
+    shifted[0] = 0.999 if RAW[0, 0] < 0.5 else 0.001  # one image far off: max |Δp| fails
+    result = accuracy_gate(RAW, shifted, DATA, CFG)
+    assert not result.passed and "max |Δp|" in result.reason
+    strict = PackageConfig(gate_max_delta_auroc=0.0, gate_max_delta_kappa=0.0)
+    reordered = RAW + RNG.normal(0, 0.02, RAW.shape)  # rank swaps, decisions mostly kept
+    result = accuracy_gate(RAW, reordered, DATA, strict)
+    assert "AUROC" in result.reason
+
+
+def test_body_part_gate_uses_the_argmax():
+    probs = RNG.dirichlet([1, 1, 1], N)
+    labels = probs.argmax(1)
+    data = GateData(DATA.calibration, DATA.validation, labels)
+    swapped = probs[:, [1, 0, 2]]
+    result = accuracy_gate(probs, swapped, data, CFG)
+    assert not result.passed and result.metrics["flips"] > 0
+    assert accuracy_gate(probs, probs, data, CFG).passed
+
+
+def test_runtime_choice_follows_the_verdicts():
+    def entry(int8: bool, bf16: bool = False) -> dict:
+        files = {"fp32": "openvino_fp32.xml"} | ({"int8": "openvino_int8.xml"} if int8 else {})
+        return {"files": files, "int8": {"passed": int8}, "bf16": {"passed": bf16}}
+
+    names = ["body_part", "hand"]
+    manifest = {"openvino": {"models": {"body_part": entry(False), "hand": entry(True)}}}
+    assert variant_of(INT8, "body_part", manifest) == "fp32"  # failed: keeps fp32
+    assert variant_of(INT8, "hand", manifest) == "int8"
+    assert available(manifest, names, {"FP32", "INT8"}) == [INT8, FP32, TENSORFLOW]
+    none_int8 = {"openvino": {"models": {n: entry(False) for n in names}}}
+    assert available(none_int8, names, {"FP32", "INT8"}) == [FP32, TENSORFLOW]
+    bf16 = {"openvino": {"models": {n: entry(True, True) for n in names}}}
+    assert available(bf16, names, {"FP32", "INT8", "BF16"}) == [INT8, BF16, FP32, TENSORFLOW]
+    assert available(bf16, names, {"FP32", "INT8"}) == [INT8, FP32, TENSORFLOW]  # no bf16 CPU
+    assert available({}, names, {"FP32"}) == [TENSORFLOW]  # a bundle from before OpenVINO
+    assert available(bf16, names, set()) == [TENSORFLOW]  # OpenVINO unusable here
+
+
+def test_logits_roundtrip_used_above():
+    p = np.array([0.2, 0.7])
+    assert apply_temperature(p, 1.0) == pytest.approx(p)
+    assert logits(p) == pytest.approx(np.log(p / (1 - p)), rel=1e-6)
