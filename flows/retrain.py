@@ -115,6 +115,39 @@ def train(name: str, settings: Settings, parent_run_id: str):
     return train_one(settings, name, parent_run_id)
 
 
+@flow(name="bonefrac-train", log_prints=True)
+def train_models(settings: Settings, parent_run_id: str) -> list:
+    """The four trainings, as tasks of this subflow under `pipeline.task_runner`.
+
+    A subflow because a flow's task runner is fixed when it starts: settings are read inside
+    `retrain`, and a run from a deployment, `bonefrac schedule` or `bonefrac pipeline` all
+    reach this line, so each one trains as params.yaml says (not under Prefect's default
+    thread pool, four ResNet50s at once)."""
+    from prefect.context import get_run_context
+
+    from bonefrac.train import model_names, tag_run
+
+    runner = get_run_context().task_runner
+    tag_run(settings, parent_run_id, {"bonefrac.task_runner": runner_label(runner)})
+    futures = train.map(
+        model_names(settings),
+        settings=unmapped(settings),
+        parent_run_id=unmapped(parent_run_id),
+    )
+    return futures.result()
+
+
+def runner_label(runner) -> str:
+    """`ThreadPoolTaskRunner(max_workers=1)`: what actually scheduled the trainings."""
+    import sys
+
+    workers = getattr(runner, "_max_workers", None)
+    if workers is None:
+        return type(runner).__name__
+    bound = "unbounded" if workers >= sys.maxsize else workers
+    return f"{type(runner).__name__}(max_workers={bound})"
+
+
 @task
 def finish_training(settings: Settings, parent_run_id: str, results: list) -> None:
     from bonefrac.train import finish_training as swap_in
@@ -281,7 +314,7 @@ def retrain(
     from bonefrac.console import data_note, pipeline_summary, preprocess_note
     from bonefrac.data.mura import body_part_name
     from bonefrac.data.synthetic import is_synthetic
-    from bonefrac.train import mark_run, model_names, staging_dir
+    from bonefrac.train import mark_run, staging_dir
 
     overrides = {"paths": {"data": data}} if data else None
     settings = load_settings(params, profile, overrides)
@@ -304,11 +337,8 @@ def retrain(
     parent_run_id = start_run(settings)
     try:
         with stage("train") as note:
-            trained = train.map(
-                model_names(settings),
-                settings=unmapped(settings),
-                parent_run_id=unmapped(parent_run_id),
-            ).result()
+            runner = task_runner(settings)
+            trained = train_models.with_options(task_runner=runner)(settings, parent_run_id)
             finish_training(settings, parent_run_id, trained)
             note.append(", ".join(f"{r.name} {r.seconds:.0f} s" for r in trained))
         with stage("evaluate"):
@@ -367,6 +397,7 @@ def retrain(
         "parts": [body_part_name(p) for p in settings.data.parts],
         "validation_report": validation.get("report"),
         "stage_seconds": stage.seconds,
+        "task_runner": runner_label(runner),
         **packaged,
     }
     get_run_logger().info("results\n%s", pipeline_summary(summary, summary["parts"], synthetic))
@@ -374,7 +405,7 @@ def retrain(
 
 
 def task_runner(settings: Settings):
-    """The configured task runner for the mapped training tasks."""
+    """The configured task runner for the training subflow (`pipeline.task_runner`)."""
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
     from bonefrac.errors import UserError

@@ -348,8 +348,7 @@ def pipeline_command(ctx: click.Context, data: Path | None) -> None:
     settings = _settings(ctx, **{"paths.data": data})
     flows = _import_flows(settings)
     obj = ctx.find_root().obj or {}
-    run = flows.retrain.with_options(task_runner=flows.task_runner(settings))
-    summary = run(
+    summary = flows.retrain(
         profile=obj.get("profile"),
         data=str(settings.paths.data),
         params=str(obj["params"]) if obj.get("params") else None,
@@ -400,10 +399,13 @@ def schedule_command(ctx: click.Context, cron: str) -> None:
     settings = _settings(ctx)
     flows = _import_flows(settings)
     obj = ctx.find_root().obj or {}
-    flows.retrain.with_options(task_runner=flows.task_runner(settings)).serve(
+    flows.retrain.serve(  # the flow applies pipeline.task_runner itself, as for a deployment
         name="bonefrac-scheduled",
         cron=cron,
-        parameters={"profile": obj.get("profile")},
+        parameters={
+            "profile": obj.get("profile"),
+            "params": str(obj["params"]) if obj.get("params") else None,
+        },
     )
 
 

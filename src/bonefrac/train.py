@@ -376,6 +376,17 @@ def start_parent_run(settings: Settings, cache_key: str | None = None) -> str:
     return run.info.run_id
 
 
+def tag_run(settings: Settings, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on a run that is not this thread's active run (the pipeline's parent)."""
+    from mlflow.tracking import MlflowClient
+
+    from bonefrac import tracking
+
+    client = MlflowClient(tracking.tracking_uri(settings))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def mark_run(settings: Settings, run_id: str, status: str) -> None:
     """Set a run's status (RUNNING while the pipeline goes on, FINISHED or FAILED at the end)."""
     from mlflow.tracking import MlflowClient

@@ -139,7 +139,7 @@ def prefect_harness(tmp_path_factory):
 def pipeline_run(project_root, tmp_path_factory, prefect_harness):
     """The retraining flow, run once on a small SYNTHETIC dataset in a project copy with its
     own MLflow store, DVC remote and BentoML home. Shared by the flow and training tests."""
-    from flows.retrain import retrain, task_runner
+    from flows.retrain import retrain
 
     from bonefrac.config import load_settings
 
@@ -151,8 +151,7 @@ def pipeline_run(project_root, tmp_path_factory, prefect_harness):
     set_params(project, profile="quick", train__seed=seed)
     os.environ["BENTOML_HOME"] = str(base / "bentoml")  # outside the Bento's build context
     settings = load_settings(project / "params.yaml", env={})
-    flow = retrain.with_options(task_runner=task_runner(settings))
     with captured_logs() as lines:
-        summary = flow(params=str(project / "params.yaml"))
+        summary = retrain(params=str(project / "params.yaml"))
     (base / "flow.log").write_text("\n".join(lines) + "\n")  # read by test_flow_output
     return project, settings, summary

@@ -8,7 +8,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import bentoml
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from tests.processes import free_port
 
 from .conftest import captured_logs, copy_project, run, set_params, tool_env
 
@@ -45,20 +46,21 @@ def champions(project) -> dict[str, str]:
 
 
 def run_flow(project):
-    from flows.retrain import retrain, task_runner
+    from flows.retrain import retrain
 
     from bonefrac.config import load_settings
 
     os.environ["BENTOML_HOME"] = str(project.parent / "bentoml")
     settings = load_settings(project / "params.yaml", env={})
-    flow = retrain.with_options(task_runner=task_runner(settings))  # as `bonefrac pipeline`
-    return flow(params=str(project / "params.yaml")), settings
+    return retrain(params=str(project / "params.yaml")), settings  # as `bonefrac pipeline`
 
 
 def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
     project, settings, summary = pipeline_run
     assert champions(project) == dict.fromkeys(REGISTERED, "1")
     assert all(d["promoted"] and "first version" in d["reason"] for d in summary["decisions"])
+    # params.yaml's pipeline.task_runner (sequential), applied by the flow itself
+    assert summary["task_runner"] == "ThreadPoolTaskRunner(max_workers=1)"
     client = client_for(project)
     version = client.get_model_version("bonefrac-fracture-hand", "1")
     for tag in (
@@ -239,12 +241,6 @@ def test_experiment_opens_on_its_runs_and_each_run_shows_its_data(pipeline_run):
 REGISTERED_MODELS = ("body_part", "elbow", "hand", "shoulder")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
@@ -282,7 +278,7 @@ def test_make_ui_opens_the_experiment_on_its_training_runs(pipeline_run, tmp_pat
     # --no-print-directory: under `make test` a nested make would add "Leaving directory" lines
     make = run(project, "make", "--no-print-directory", "-n", "ui").stdout
     assert make.splitlines()[-1] == ".venv/bin/bonefrac ui"  # what `make ui` runs
-    port = _free_port()
+    port = free_port()
     printed = run(project, "bonefrac", "ui", "--print-command", "--port", str(port)).stdout
     command = shlex.split(printed.strip())
     assert command[command.index("--backend-store-uri") + 1] == (

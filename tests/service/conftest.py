@@ -8,15 +8,14 @@ Everything with TensorFlow is slow (seconds per model), so each is built once pe
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.processes import free_port, stop_group, wait_until_ready
 
 SIZE = 64
 MAX_UPLOAD_MB = 2  # the test server's serve.max_upload_mb: "too large" needs only 3 MB
@@ -161,12 +160,6 @@ def study_pngs(predictor, valid_pngs) -> list[Path]:
 # -- the server --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     def __init__(self, url: str, log: Path, bentoml_home: Path, params: Path) -> None:
         self.url = url
@@ -182,7 +175,6 @@ class Server:
 def server(tmp_path_factory, bundle_dir, project_root):
     """`bonefrac serve --bundle DIR` on a free port: imports the bundle into a fresh BentoML
     home, starts `bentoml serve`, and is ready when /readyz answers."""
-    import httpx
 
     home = tmp_path_factory.mktemp("server")
     params = home / "params.yaml"
@@ -190,7 +182,7 @@ def server(tmp_path_factory, bundle_dir, project_root):
         f"serve:\n  max_upload_mb: {MAX_UPLOAD_MB}\n  body_timeout_s: {BODY_TIMEOUT_S}\n"
         "  allow_unreviewed: true\n"  # the packaged guidance is a draft
     )
-    port = _free_port()
+    port = free_port()
     log = home / "server.log"
     env = {
         **os.environ,
@@ -222,27 +214,8 @@ def server(tmp_path_factory, bundle_dir, project_root):
             start_new_session=True,  # its own process group: teardown stops the workers too
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"the server exited ({process.returncode}):\n{log.read_text()}"
-                )
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server was not ready in time:\n{log.read_text()}")
-            time.sleep(1)
+        wait_until_ready(process, f"{url}/readyz", log, "server", STARTUP_TIMEOUT_S)
         yield Server(url, log, home / "bentoml", params)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_group(process)

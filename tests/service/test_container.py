@@ -24,7 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import STARTUP_TIMEOUT_S, _free_port
+from tests.processes import free_port, wait_until_ready
+
+from .conftest import STARTUP_TIMEOUT_S
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 
@@ -104,7 +106,7 @@ def container(image, tmp_path_factory):
     """The image's own entrypoint (`bentoml serve` of the Bento) on a free port."""
     name = f"bonefrac-test-{uuid.uuid4().hex[:8]}"
     marker = uuid.uuid4().hex
-    port = _free_port()
+    port = free_port()
     _buildah("from", "--name", name, image)
     log = tmp_path_factory.mktemp("container-run") / "container.log"
     command = [
@@ -120,20 +122,7 @@ def container(image, tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"the container exited ({process.returncode}):\n{log.read_text()}"
-                )
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the container was not ready in time:\n{log.read_text()}")
-            time.sleep(1)
+        wait_until_ready(process, f"{url}/readyz", log, "container", STARTUP_TIMEOUT_S)
         yield url
     finally:
         _stop(marker, process)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from .conftest import OPERATING_POINTS, _free_port
+from tests.processes import free_port, stop_group
+
+from .conftest import OPERATING_POINTS
 from .test_http import assert_error, upload
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_the_service_refuses_draft_guidance_unless_allowed(server, good_png, tmp
     is never ready, and answers every prediction with a 503 that names the reason."""
     params = tmp_path / "params.yaml"
     params.write_text("serve:\n  allow_unreviewed: false\n", encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "BENTOML_HOME": str(server.bentoml_home),
@@ -89,10 +90,4 @@ def test_the_service_refuses_draft_guidance_unless_allowed(server, good_png, tmp
         assert "draft not approved by a clinical reviewer" in log.read_text()
         assert "Traceback" not in log.read_text()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process, grace_s=60)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .conftest import _free_port
+from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
 LISTEN_TIMEOUT_S = 300  # `bonefrac serve` + BentoML's arbiter start on 2 busy cores
@@ -33,7 +33,7 @@ def _accepts(port: int) -> bool:
 
 
 def test_sigterm_to_bonefrac_serve_frees_the_port(server, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "BENTOML_HOME": str(server.bentoml_home),
