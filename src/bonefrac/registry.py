@@ -173,6 +173,26 @@ def _champion_input(settings, client, cache, name: str, found) -> Champion:
 # --- register, promote ----------------------------------------------------------------------
 
 
+def decide_for(settings: Settings, name: str, reg_name: str, challenger, champion):
+    """The champion gate for model `name`, configured by `registry` (the one place that
+    maps settings to `gate.decide`'s arguments)."""
+    cfg = settings.registry
+    multiclass = name == BODY_PART_MODEL
+    return decide(
+        challenger,
+        champion,
+        model=name,
+        registered_name=reg_name,
+        metric=cfg.body_part_metric if multiclass else cfg.fracture_metric,
+        multiclass=multiclass,
+        operating_problem=_operating_problem(challenger),
+        confidence=cfg.confidence,
+        min_improvement=cfg.min_improvement,
+        n_samples=cfg.bootstrap_samples,
+        seed=cfg.seed,
+    )
+
+
 def register(settings: Settings) -> list[Decision]:
     """Decide, per model, whether the latest trained model should become champion, then
     register it with the decision on its version. Aliases are not moved here: `promote` does
@@ -185,7 +205,7 @@ def register(settings: Settings) -> list[Decision]:
     from bonefrac.tracking import read_runs
     from bonefrac.train import model_names
 
-    layout, cfg = settings.layout, settings.registry
+    layout = settings.layout
     runs = read_runs(layout.models)
     results = json.loads((layout.evaluation / "metrics.json").read_text())
     cache = load_cache(layout.preprocessed)
@@ -203,19 +223,7 @@ def register(settings: Settings) -> list[Decision]:
         challenger = _scored(settings, cache, name, model, preprocess, point)
         found = current_champion(client, reg_name)
         champion = _champion_input(settings, client, cache, name, found) if found else None
-        decision = decide(
-            challenger,
-            champion,
-            model=name,
-            registered_name=reg_name,
-            metric=cfg.body_part_metric if multiclass else cfg.fracture_metric,
-            multiclass=multiclass,
-            operating_problem=_operating_problem(challenger),
-            confidence=cfg.confidence,
-            min_improvement=cfg.min_improvement,
-            n_samples=cfg.bootstrap_samples,
-            seed=cfg.seed,
-        )
+        decision = decide_for(settings, name, reg_name, challenger, champion)
         decisions.append((name, reg_name, point, decision))
     decisions = _servable(decisions, client, settings)
 

@@ -80,23 +80,11 @@ def elbow_models(project_root, tmp_path_factory):
 
 
 def _decide(settings, challenger, champion):
-    from bonefrac.gate import Champion, decide
-    from bonefrac.registry import _operating_problem
+    from bonefrac.gate import Champion
+    from bonefrac.registry import decide_for
 
-    cfg = settings.registry
-    return decide(
-        challenger,
-        Champion("1", champion, None, None),
-        model=PART,
-        registered_name=f"bonefrac-fracture-{PART}",
-        metric=cfg.fracture_metric,
-        multiclass=False,
-        operating_problem=_operating_problem(challenger),
-        confidence=cfg.confidence,
-        min_improvement=cfg.min_improvement,
-        n_samples=cfg.bootstrap_samples,
-        seed=cfg.seed,
-    )
+    champion = Champion("1", champion, None, None)
+    return decide_for(settings, PART, f"bonefrac-fracture-{PART}", challenger, champion)
 
 
 def test_val_has_the_patients_the_gate_needs(elbow_models):
