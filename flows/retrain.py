@@ -421,6 +421,14 @@ def task_runner(settings: Settings):
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise UserError("pipeline.task_runner is dask: pip install prefect-dask") from None
-    if settings.pipeline.dask_address:
-        return DaskTaskRunner(address=settings.pipeline.dask_address)
-    return DaskTaskRunner()
+    pipeline = settings.pipeline
+    if pipeline.dask_address:  # its scheduler's allowed-failures decides retries (README)
+        return DaskTaskRunner(address=pipeline.dask_address)
+    return DaskTaskRunner(  # one training per process: Keras state is process-global
+        cluster_kwargs={
+            "n_workers": pipeline.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "scheduler_kwargs": {"allowed_failures": pipeline.dask_allowed_failures},
+        }
+    )
