@@ -134,7 +134,16 @@ def train_models(settings: Settings, parent_run_id: str) -> list:
         settings=unmapped(settings),
         parent_run_id=unmapped(parent_run_id),
     )
-    return futures.result()
+    try:
+        return futures.result()
+    except Exception as error:  # Dask's KilledWorker names a task key, not what to do
+        if type(error).__name__ != "KilledWorker":
+            raise
+        raise RuntimeError(
+            "a training's Dask worker died more often than the scheduler retries it "
+            "(allowed-failures; pipeline.dask_allowed_failures for the local cluster): "
+            f"check the workers' memory and logs. Dask: {error}"
+        ) from error
 
 
 def runner_label(runner) -> str:
