@@ -27,7 +27,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "bonefrac needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,dask]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -134,7 +134,16 @@ def train_models(settings: Settings, parent_run_id: str) -> list:
         settings=unmapped(settings),
         parent_run_id=unmapped(parent_run_id),
     )
-    return futures.result()
+    try:
+        return futures.result()
+    except Exception as error:  # Dask's KilledWorker names a task key, not what to do
+        if type(error).__name__ != "KilledWorker":
+            raise
+        raise RuntimeError(
+            "a training's Dask worker died more often than the scheduler retries it "
+            "(allowed-failures; pipeline.dask_allowed_failures for the local cluster): "
+            f"check the workers' memory and logs. Dask: {error}"
+        ) from error
 
 
 def runner_label(runner) -> str:
@@ -421,6 +430,14 @@ def task_runner(settings: Settings):
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise UserError("pipeline.task_runner is dask: pip install prefect-dask") from None
-    if settings.pipeline.dask_address:
-        return DaskTaskRunner(address=settings.pipeline.dask_address)
-    return DaskTaskRunner()
+    pipeline = settings.pipeline
+    if pipeline.dask_address:  # its scheduler's allowed-failures decides retries (README)
+        return DaskTaskRunner(address=pipeline.dask_address)
+    return DaskTaskRunner(  # one training per process: Keras state is process-global
+        cluster_kwargs={
+            "n_workers": pipeline.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "scheduler_kwargs": {"allowed_failures": pipeline.dask_allowed_failures},
+        }
+    )

@@ -201,6 +201,10 @@ class RegistryConfig(_Section):
 class PipelineConfig(_Section):
     task_runner: Literal["sequential", "threads", "processes", "dask"] = "sequential"
     dask_address: str | None = None  # existing Dask scheduler; None starts a local cluster
+    dask_workers: int = Field(2, ge=1)  # local cluster only: worker processes, 1 thread each
+    # local cluster only: times a training is retried when its worker dies (Dask's
+    # distributed.scheduler.allowed-failures; an external scheduler sets its own)
+    dask_allowed_failures: int = Field(1, ge=0)
     drift_gate: bool = False  # stop the run when the data drifted from the champion's
     drift_alpha: float = Field(0.01, gt=0, lt=1)
     drift_sample: int = Field(500, ge=10)  # images preprocessed for the drift check

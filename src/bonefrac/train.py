@@ -6,9 +6,11 @@ in its own nested MLflow run under one parent run per pipeline run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,8 +425,10 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
         "bonefrac.model": name,
         "mlflow.parentRunId": parent_run_id,
     }
+    tags.update(worker_tags())
     folder = staging_dir(settings, parent_run_id) / name
     shutil.rmtree(folder, ignore_errors=True)
+    close_lost_attempts(settings, parent_run_id, name)
     with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params(settings.flat())
         tracking.log_data_input(settings, "training", cache.meta.get("key"))
@@ -434,6 +438,36 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
         if settings.tracking.log_models:
             result.model_uri = _log_model(result.model_path, cache, tracking.pinned_requirements())
     return result
+
+
+def worker_tags() -> dict[str, str]:
+    """Which process trains: its id and, on a Dask worker, the worker's name (no host name)."""
+    worker = "none"
+    if "distributed" in sys.modules:  # imported by a Dask worker, never by us
+        from distributed import get_worker
+
+        with contextlib.suppress(ValueError):  # ValueError: not on a Dask worker
+            worker = str(get_worker().name)
+    return {"bonefrac.pid": str(os.getpid()), "bonefrac.dask_worker": worker}
+
+
+def close_lost_attempts(settings: Settings, parent_run_id: str, name: str) -> None:
+    """Mark FAILED an earlier attempt at this training that is still RUNNING: its process
+    died (a Dask worker lost mid-training) and the task is being retried."""
+    from mlflow.tracking import MlflowClient
+
+    from bonefrac import tracking
+
+    client = MlflowClient(tracking.tracking_uri(settings))
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    lost = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.bonefrac.model = '{name}' "
+        "and attributes.status = 'RUNNING'",
+    )
+    for run in lost:
+        client.set_tag(run.info.run_id, "bonefrac.attempt", "lost: its process died, retried")
+        client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def finish_training(
