@@ -1,0 +1,176 @@
+"""Training across processes or machines: `train.strategy: multi_worker`.
+
+Every worker runs the same command (`bonefrac train`) with its own TF_CONFIG, e.g. for two
+workers on one host:
+
+    TF_CONFIG='{"cluster": {"worker": ["localhost:12345", "localhost:12346"]},
+                "task": {"type": "worker", "index": 0}}'
+
+TensorFlow's convention names the chief: the task of type "chief", or worker 0 when the
+cluster has no chief. Only the chief tracks (MLflow runs, logged models) and writes the
+models folder; the others train in lock-step and save into a temporary folder they delete,
+because saving reads the distributed variables, which every worker must take part in.
+
+Batch size: `train.batch_size` is per replica (one replica per worker on CPU, per GPU
+otherwise), so a step's global batch is batch_size x replicas. Each worker reads only its
+own share of the training rows (rows i, i+W, i+2W, ... for worker i of W), so no image is
+decoded, augmented or trained on twice in an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonefrac.errors import UserError
+
+TF_CONFIG = "TF_CONFIG"
+_EXAMPLE = (
+    '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
+    '"index": 0}}'
+)
+
+
+@dataclass(frozen=True)
+class ClusterRole:
+    """This process's place in the TF_CONFIG cluster."""
+
+    task_type: str
+    task_index: int
+    n_workers: int  # chief + workers: the processes that train
+    is_chief: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.task_type}:{self.task_index}"
+
+
+def cluster_role(environ: dict[str, str] | None = None) -> ClusterRole:
+    """Parse and check TF_CONFIG; one-sentence UserError when it is missing or malformed."""
+    raw = (os.environ if environ is None else environ).get(TF_CONFIG, "").strip()
+    if not raw:
+        raise UserError(
+            f"train.strategy multi_worker needs the TF_CONFIG environment variable on every "
+            f"worker, e.g. {_EXAMPLE}"
+        )
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"TF_CONFIG is not valid JSON ({exc.msg}): e.g. {_EXAMPLE}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UserError(f"TF_CONFIG needs a 'cluster' and a 'task' object: e.g. {_EXAMPLE}")
+    for kind, addresses in cluster.items():
+        if kind not in {"chief", "worker"}:
+            raise UserError(f"TF_CONFIG cluster has a {kind!r} job: only chief and worker train")
+        if not isinstance(addresses, list) or not all(
+            isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses
+        ):
+            raise UserError(f"TF_CONFIG cluster.{kind} must be a list of 'host:port' strings")
+    if len(cluster.get("chief", [])) > 1:
+        raise UserError("TF_CONFIG cluster has more than one chief: name one chief at most")
+    task_type, index = task.get("type"), task.get("index")
+    if task_type not in cluster or not isinstance(index, int) or isinstance(index, bool):
+        raise UserError(
+            f"TF_CONFIG task must name a job of the cluster ({', '.join(cluster)}) and an "
+            "integer index"
+        )
+    if not 0 <= index < len(cluster[task_type]):
+        raise UserError(
+            f"TF_CONFIG task index {index} is outside cluster.{task_type} "
+            f"({len(cluster[task_type])} addresses)"
+        )
+    n_workers = sum(len(a) for a in cluster.values())
+    is_chief = task_type == "chief" or (
+        task_type == "worker" and index == 0 and "chief" not in cluster
+    )
+    return ClusterRole(task_type, index, n_workers, is_chief)
+
+
+def train_as_worker(settings, names: list[str], role: ClusterRole) -> dict:
+    """A non-chief worker's share of `bonefrac train`: the same models in the same order
+    (each step is a collective with the chief), saved into a temporary folder that is then
+    deleted; no MLflow, and the models folder is left alone."""
+    from bonefrac.cache import load_cache
+    from bonefrac.data.mura import body_part_name
+    from bonefrac.train import fit_model
+
+    cache = load_cache(settings.layout.preprocessed)
+    parts = [body_part_name(p) for p in settings.data.parts]
+    results = {}
+    scratch = Path(tempfile.mkdtemp(prefix=f"bonefrac-{role.task_type}{role.task_index}-"))
+    try:
+        for name in names:
+            results[name] = fit_model(cache, name, parts, settings.train, scratch / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def worker_datasets(strategy, cache, train, val, cfg, weights, rows_read: list[int]):
+    """multi_worker input: input pipeline i of W reads rows i, i+W, i+2W, ... only (no image
+    is read, augmented or trained on by two workers), batched per replica; class weights
+    travel as sample weights (Keras cannot map them over a distributed dataset)."""
+    import numpy as np
+
+    from bonefrac.train import TaskData, make_dataset
+
+    def share(data, context):
+        i, n = context.input_pipeline_id, context.num_input_pipelines
+        part = TaskData(data.rows[i::n], data.targets[i::n], data.labels[i::n], data.classes)
+        if weights is None:
+            return part, None
+        return part, np.array([weights[int(label)] for label in part.labels], np.float32)
+
+    def per_replica(context) -> int:
+        return context.get_per_replica_batch_size(cfg.batch_size * strategy.num_replicas_in_sync)
+
+    def train_input(context):
+        part, sample_weights = share(train, context)
+        return make_dataset(
+            cache,
+            part,
+            per_replica(context),
+            True,
+            cfg.augment,
+            cfg.seed,
+            cfg.deterministic,
+            cfg.rotation_degrees,
+            sample_weights=sample_weights,
+            on_read=rows_read.append,
+        )
+
+    def val_input(context):
+        return make_dataset(cache, share(val, context)[0], per_replica(context), False)
+
+    train_ds = strategy.distribute_datasets_from_function(train_input)
+    val_ds = strategy.distribute_datasets_from_function(val_input) if len(val.rows) else None
+    return train_ds, val_ds
+
+
+def write_worker_report(settings, role: ClusterRole, results: dict) -> Path:
+    """What this worker trained, per model: steps run and the training rows it read
+    (<artifacts>/metrics/train_worker_<type>_<index>.json; one line each on stdout too)."""
+    report = {
+        "task": role.name,
+        "is_chief": role.is_chief,
+        "workers": role.n_workers,
+        "models": {
+            name: {
+                "steps": result.steps,
+                "train_rows": result.rows_read,
+                "seconds": round(result.seconds, 1),
+            }
+            for name, result in results.items()
+        },
+    }
+    folder = settings.layout.metrics
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"train_worker_{role.task_type}_{role.task_index}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
