@@ -43,6 +43,7 @@ class ClusterRole:
     task_index: int
     n_workers: int  # chief + workers: the processes that train
     is_chief: bool
+    input_index: int  # TensorFlow's id in the cluster: the chief 0, then the workers
 
     @property
     def name(self) -> str:
@@ -89,7 +90,8 @@ def cluster_role(environ: dict[str, str] | None = None) -> ClusterRole:
     is_chief = task_type == "chief" or (
         task_type == "worker" and index == 0 and "chief" not in cluster
     )
-    return ClusterRole(task_type, index, n_workers, is_chief)
+    input_index = index if task_type == "chief" else index + len(cluster.get("chief", []))
+    return ClusterRole(task_type, index, n_workers, is_chief, input_index)
 
 
 def train_as_worker(settings, names: list[str], role: ClusterRole) -> dict:
@@ -113,44 +115,68 @@ def train_as_worker(settings, names: list[str], role: ClusterRole) -> dict:
 
 
 def worker_datasets(strategy, cache, train, val, cfg, weights, rows_read: list[int]):
-    """multi_worker input: input pipeline i of W reads rows i, i+W, i+2W, ... only (no image
-    is read, augmented or trained on by two workers), batched per replica; class weights
-    travel as sample weights (Keras cannot map them over a distributed dataset)."""
+    """multi_worker input: worker i of W (its id in the cluster, chief first) reads rows i,
+    i+W, i+2W, ... only, so no image is read, augmented or trained on by two workers.
+
+    Keras hands the dataset to `strategy.experimental_distribute_dataset` with auto-sharding
+    off, and each step takes one batch of this worker's own rows: batched at batch_size (one
+    replica per worker on CPU), the global batch is batch_size x W. Class weights travel as
+    sample weights."""
     import numpy as np
+    import tensorflow as tf
 
     from bonefrac.train import TaskData, make_dataset
 
-    def share(data, context):
-        i, n = context.input_pipeline_id, context.num_input_pipelines
-        part = TaskData(data.rows[i::n], data.targets[i::n], data.labels[i::n], data.classes)
-        if weights is None:
-            return part, None
-        return part, np.array([weights[int(label)] for label in part.labels], np.float32)
+    role = cluster_role()
+    i, n = role.input_index, role.n_workers
+    local_batch = cfg.batch_size * strategy.num_replicas_in_sync // n  # per-replica x local
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
 
-    def per_replica(context) -> int:
-        return context.get_per_replica_batch_size(cfg.batch_size * strategy.num_replicas_in_sync)
+    def share(data):
+        return TaskData(data.rows[i::n], data.targets[i::n], data.labels[i::n], data.classes)
 
-    def train_input(context):
-        part, sample_weights = share(train, context)
-        return make_dataset(
-            cache,
-            part,
-            per_replica(context),
-            True,
-            cfg.augment,
-            cfg.seed,
-            cfg.deterministic,
-            cfg.rotation_degrees,
-            sample_weights=sample_weights,
-            on_read=rows_read.append,
-        )
-
-    def val_input(context):
-        return make_dataset(cache, share(val, context)[0], per_replica(context), False)
-
-    train_ds = strategy.distribute_datasets_from_function(train_input)
-    val_ds = strategy.distribute_datasets_from_function(val_input) if len(val.rows) else None
+    part = share(train)
+    sample_weights = None
+    if weights is not None:
+        sample_weights = np.array([weights[int(label)] for label in part.labels], np.float32)
+    train_ds = make_dataset(
+        cache,
+        part,
+        local_batch,
+        True,
+        cfg.augment,
+        cfg.seed,
+        cfg.deterministic,
+        cfg.rotation_degrees,
+        sample_weights=sample_weights,
+        on_read=rows_read.append,
+    ).with_options(options)
+    val_ds = None
+    if len(val.rows):
+        val_ds = make_dataset(cache, share(val), local_batch, False).with_options(options)
     return train_ds, val_ds
+
+
+def build_for_fit(model, strategy, dataset) -> None:
+    """Build the compiled model from the dataset's element spec, before `fit`.
+
+    Keras 3.15's `fit` otherwise learns the shapes by reducing a first batch across replicas,
+    and under MultiWorkerMirroredStrategy that reduce fails for a batch tuple ("Attempt to
+    convert a value (PerReplica...) to a Tensor"); so the model is built here and that step
+    skipped (call again after each compile). Both workarounds touch Keras internals and only
+    under multi_worker: recheck them when Keras is upgraded (the two-worker test fails if
+    they break)."""
+    with strategy.scope():
+        model._symbolic_build(data_batch=dataset.element_spec)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    # Second Keras 3.15 bug: each step's logs (scalars, already reduced over all workers by
+    # the synced metrics) are reduced again across workers with MEAN over axis 0, which fails
+    # for a scalar ("Invalid reduction dimension 0 for input with 0 dimensions"). Taking the
+    # local replicas' mean instead gives every worker the same logs (checked by the test).
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    tf_trainer._collective_all_reduce_multi_worker = lambda strategy: False
 
 
 def write_worker_report(settings, role: ClusterRole, results: dict) -> Path:

@@ -326,6 +326,10 @@ def fit_model(
         ]
         if log_to_mlflow:
             phase_callbacks.append(_MlflowEpochs.make(epoch_offset))
+        if cfg.strategy == "multi_worker":
+            from bonefrac.distributed import build_for_fit
+
+            build_for_fit(model, strategy, train_ds)
         fitted = model.fit(
             train_ds,
             validation_data=val_ds,
