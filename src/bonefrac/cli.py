@@ -241,6 +241,9 @@ def train_command(ctx: click.Context, models: tuple[str, ...]) -> None:
     for name, result in results.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in result.val_metrics.items())
         click.echo(f"{name}: best epoch {result.best_epoch}; val {shown}")
+        if settings.train.strategy == "multi_worker":  # each worker's share, to see all took part
+            rows = len(result.rows_read)
+            click.echo(f"{name}: this worker ran {result.steps} steps on {rows} training images")
 
 
 @cli.command("evaluate")

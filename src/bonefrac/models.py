@@ -112,8 +112,14 @@ def compile_model(model, n_outputs: int, learning_rate: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
 
 
+_MULTI_WORKER: list = []  # the process's one MultiWorkerMirroredStrategy, once made
+
+
 def make_strategy(name: str):
-    """default | mirrored (all GPUs, else all logical CPUs) | multi_worker (TF_CONFIG cluster)."""
+    """default | mirrored (all GPUs, else all logical CPUs) | multi_worker (TF_CONFIG cluster).
+
+    multi_worker is made once per process (TensorFlow allows one, and it must exist before
+    other TensorFlow work: `bonefrac train` makes it first); later calls return it."""
     import tensorflow as tf
 
     if name == "default":
@@ -123,5 +129,10 @@ def make_strategy(name: str):
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        if not _MULTI_WORKER:
+            from bonefrac.distributed import cluster_role
+
+            cluster_role()  # a clear error before TensorFlow reads TF_CONFIG itself
+            _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        return _MULTI_WORKER[0]
     raise UserError(f"unknown train.strategy {name!r}: use default, mirrored or multi_worker")

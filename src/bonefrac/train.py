@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,37 +80,50 @@ def make_dataset(
     seed: int = 42,
     deterministic: bool = True,
     rotation_degrees: float = 30.0,
+    sample_weights: np.ndarray | None = None,
+    on_read: Callable[[int], None] | None = None,
 ):
     """rows -> images read from the memory-mapped cache (parallel map), cached in memory,
     shuffled and augmented for training only, batched, prefetched.
 
     The augmentation layers draw from one stateful seed generator: in a parallel map, which
     batch gets which draw depends on thread timing, so `deterministic` runs that map in
-    order (a few ms a batch next to a ResNet50 step)."""
+    order (a few ms a batch next to a ResNet50 step).
+
+    `sample_weights` (one per row) makes elements (x, y, weight); `on_read` is called with
+    each cache row as it is read (once per row: the images are cached after the first pass)."""
     import tensorflow as tf
 
     size = cache.image_size
     images = cache.images
 
     def read(row):
+        if on_read is not None:
+            on_read(int(row))
         return np.asarray(images[int(row)])
 
-    ds = tf.data.Dataset.from_tensor_slices((data.rows, data.targets))
+    columns = (data.rows, data.targets)
+    if sample_weights is not None:
+        columns = (*columns, sample_weights)
+    ds = tf.data.Dataset.from_tensor_slices(columns)
     ds = ds.map(
-        lambda row, y: (tf.ensure_shape(tf.numpy_function(read, [row], tf.uint8), (size, size)), y),
+        lambda row, *rest: (
+            tf.ensure_shape(tf.numpy_function(read, [row], tf.uint8), (size, size)),
+            *rest,
+        ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     ).cache()
     if training:
         ds = ds.shuffle(len(data.rows), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(
-        lambda x, y: (tf.repeat(tf.cast(x, tf.float32)[..., tf.newaxis], 3, axis=-1), y),
+        lambda x, *rest: (tf.repeat(tf.cast(x, tf.float32)[..., tf.newaxis], 3, axis=-1), *rest),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     if training and augment:
         layers = augmenter(seed, rotation_degrees)
         ds = ds.map(
-            lambda x, y: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), y),
+            lambda x, *rest: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), *rest),
             num_parallel_calls=None if deterministic else tf.data.AUTOTUNE,
         )
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -140,6 +154,8 @@ class TrainResult:
     val_metrics: dict[str, float] = field(default_factory=dict)
     # one entry per phase that ran: name, epochs, learning rate, trainable weights/parameters
     phases: list[dict] = field(default_factory=list)
+    steps: int = 0  # training steps this process ran, all phases
+    rows_read: list[int] = field(default_factory=list)  # multi_worker: this worker's train rows
 
 
 class _BestWeights:
@@ -193,6 +209,22 @@ class _MlflowEpochs:
         return Callback()
 
 
+class _StepCounter:
+    """Counts the training steps this process runs (per worker under multi_worker)."""
+
+    @staticmethod
+    def make():
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            count = 0
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.count += 1
+
+        return Callback()
+
+
 def inference_model(model):
     """The trained network without optimizer state (a third of the file size): what the
     registry and the service need.
@@ -240,22 +272,32 @@ def fit_model(
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     strategy = make_strategy(cfg.strategy)
+    # train.batch_size is per replica: one step's global batch is batch_size x replicas
     batch_size = cfg.batch_size * strategy.num_replicas_in_sync
-    train_ds = make_dataset(
-        cache,
-        train,
-        batch_size,
-        True,
-        cfg.augment,
-        cfg.seed,
-        cfg.deterministic,
-        cfg.rotation_degrees,
-    )
-    val_ds = make_dataset(cache, val, batch_size, False) if len(val.rows) else None
+    weights = class_weights(train.labels, max(n_outputs, 2)) if cfg.class_weights else None
+    rows_read: list[int] = []
+    if cfg.strategy == "multi_worker":
+        from bonefrac.distributed import worker_datasets
+
+        train_ds, val_ds = worker_datasets(
+            strategy, cache, train, val, cfg, weights, rows_read, make_dataset
+        )
+        weights = None  # carried in the datasets as sample weights
+    else:
+        train_ds = make_dataset(
+            cache,
+            train,
+            batch_size,
+            True,
+            cfg.augment,
+            cfg.seed,
+            cfg.deterministic,
+            cfg.rotation_degrees,
+        )
+        val_ds = make_dataset(cache, val, batch_size, False) if len(val.rows) else None
     monitor_metric = "loss" if cfg.monitor == "loss" else "auc" if n_outputs == 1 else "accuracy"
     monitor = f"val_{monitor_metric}" if val_ds is not None else "loss"
     mode = "min" if monitor.endswith("loss") else "max"
-    weights = class_weights(train.labels, max(n_outputs, 2)) if cfg.class_weights else None
 
     with strategy.scope():
         model = build_classifier(n_outputs, cache.image_size, cfg, name=f"bonefrac_{name}")
@@ -270,6 +312,7 @@ def fit_model(
     start = time.perf_counter()
     images_seen = 0
     phase_log: list[dict] = []
+    steps = _StepCounter.make()
     for phase, epochs, learning_rate in phases:
         if epochs <= 0:
             continue
@@ -282,10 +325,15 @@ def fit_model(
             keras.callbacks.ReduceLROnPlateau(
                 monitor=monitor, mode=mode, factor=cfg.lr_factor, patience=cfg.lr_patience
             ),
+            steps,
             *(callbacks or []),
         ]
         if log_to_mlflow:
             phase_callbacks.append(_MlflowEpochs.make(epoch_offset))
+        if cfg.strategy == "multi_worker":
+            from bonefrac.distributed import build_for_fit
+
+            build_for_fit(model, strategy, train_ds)
         fitted = model.fit(
             train_ds,
             validation_data=val_ds,
@@ -346,6 +394,8 @@ def fit_model(
         images_per_second=images_seen / seconds if seconds else 0.0,
         val_metrics=val_metrics,
         phases=phase_log,
+        steps=steps.count,
+        rows_read=sorted(set(rows_read)),
     )
 
 
@@ -426,6 +476,10 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
         "mlflow.parentRunId": parent_run_id,
     }
     tags.update(worker_tags())
+    if settings.train.strategy == "multi_worker":
+        from bonefrac.distributed import cluster_role
+
+        tags["bonefrac.tf_task"] = cluster_role().name  # the chief: the only worker tracking
     folder = staging_dir(settings, parent_run_id) / name
     shutil.rmtree(folder, ignore_errors=True)
     close_lost_attempts(settings, parent_run_id, name)
@@ -505,8 +559,22 @@ def run_train_stage(
     `parent_run_id` attaches to an existing pipeline run (the Prefect flow makes one);
     otherwise a new parent run is started (and finished here). On failure the parent run is
     marked FAILED and the current models stay as they were.
+
+    `train.strategy: multi_worker`: every worker of the TF_CONFIG cluster calls this; the
+    chief tracks and writes the models, the others only train (bonefrac.distributed).
     """
     names = names or model_names(settings)
+    role = None
+    if settings.train.strategy == "multi_worker":
+        from bonefrac.distributed import cluster_role, write_worker_report
+        from bonefrac.models import make_strategy
+
+        role = cluster_role()
+        make_strategy("multi_worker")  # before any other TensorFlow work in this process
+        if not role.is_chief:
+            results = train_as_worker(settings, names, role)
+            write_worker_report(settings, role, results)
+            return results
     own_parent = parent_run_id is None
     if own_parent:
         parent_run_id = start_parent_run(
@@ -521,6 +589,26 @@ def run_train_stage(
         raise
     if own_parent:
         mark_run(settings, parent_run_id, "FINISHED")
+    if role is not None:
+        write_worker_report(settings, role, results)
+    return results
+
+
+def train_as_worker(settings, names: list[str], role) -> dict:
+    """A non-chief worker's share of `bonefrac train`: the same models in the same order
+    (each step is a collective with the chief), saved into a temporary folder that is then
+    deleted; no MLflow, and the models folder is left alone."""
+    import tempfile
+
+    cache = load_cache(settings.layout.preprocessed)
+    parts = [body_part_name(p) for p in settings.data.parts]
+    results = {}
+    scratch = Path(tempfile.mkdtemp(prefix=f"bonefrac-{role.task_type}{role.task_index}-"))
+    try:
+        for name in names:
+            results[name] = fit_model(cache, name, parts, settings.train, scratch / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return results
 
 
