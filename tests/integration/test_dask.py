@@ -71,6 +71,7 @@ def project(pipeline_run, tmp_path):
             project,
             profiles__quick__train__finetune_epochs=0,
             pipeline__build_bento=False,
+            package__openvino=False,  # the first pipeline run tests the OpenVINO export
             pipeline__task_runner="dask",
             tracking__tracking_uri=uri,
             tracking__experiment=EXPERIMENT,

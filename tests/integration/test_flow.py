@@ -100,7 +100,12 @@ def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
 def test_rerun_skips_cached_stages_and_a_worse_challenger_does_not_win(pipeline_run, tmp_path):
     project = copy_project(pipeline_run[0], tmp_path / "project")
     # same data and preprocessing; training crippled (no epochs: untrained networks)
-    set_params(project, profiles__quick__train__finetune_epochs=0, pipeline__build_bento=False)
+    set_params(
+        project,
+        profiles__quick__train__finetune_epochs=0,
+        pipeline__build_bento=False,
+        package__openvino=False,  # the first run tests the OpenVINO export
+    )
     with captured_logs() as lines:
         summary, _ = run_flow(project)
     assert summary["preprocess_skipped"] and summary["pca_skipped"]
