@@ -21,14 +21,16 @@ from bonefrac.evaluate import read_submission
 pytestmark = pytest.mark.slow
 
 
-def _packaged_bundle(project: Path, runs: dict[str, str]) -> Path:
-    """The bundle in the flow's BentoML store holding exactly the models this run evaluated."""
-    store = project.parent / "bentoml" / "models" / "bonefrac"
-    for manifest_file in sorted(store.glob("*/bundle.json")):
-        models = json.loads(manifest_file.read_text())["models"]
-        if all(models[name].get("run_id") == runs[name] for name in models):
-            return manifest_file.parent
-    raise AssertionError(f"no packaged bundle of this run's models in {store}")
+def _packaged_bundle(project: Path, summary: dict) -> Path:
+    """The bundle this flow run packaged (its BentoML model tag, from the run's summary).
+
+    Not "a bundle holding this run's models": BentoML fixes its home when first used, so
+    later in-process reruns in other tests (which keep these champions) package into the
+    same store, and those bundles hold the same runs."""
+    name, version = str(summary["model_tag"]).split(":")
+    bundle = project.parent / "bentoml" / "models" / name / version
+    assert (bundle / "bundle.json").is_file(), f"no bundle {summary['model_tag']} in {bundle}"
+    return bundle
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,13 @@ def served(pipeline_run):
     from bonefrac.data.mura import find_mura_root
     from bonefrac.serving.predictor import Predictor
 
-    project, settings, _ = pipeline_run
+    project, settings, summary = pipeline_run
     runs = json.loads((settings.layout.models / "runs.json").read_text())
+    bundle = _packaged_bundle(project, summary)
+    models = json.loads((bundle / "bundle.json").read_text())["models"]
+    assert {name: models[name]["run_id"] for name in models} == {n: runs[n] for n in models}
     # the evaluate stage measured the Keras fp32 models: the service on that runtime must agree
-    predictor = Predictor.from_bundle(
-        _packaged_bundle(project, runs), warm_up=False, runtime="tensorflow"
-    )
+    predictor = Predictor.from_bundle(bundle, warm_up=False, runtime="tensorflow")
     cache = load_cache(settings.layout.preprocessed)
     test = cache.index[cache.index["split"] == "test"]
     data_dir = find_mura_root(settings.paths.data).parent
@@ -119,10 +122,10 @@ def test_bundle_records_what_its_default_runtime_answers_on_the_test_split(pipel
     from bonefrac.evaluate.end_to_end import evaluate_bundle
     from bonefrac.serving.predictor import Predictor
 
-    project, settings, _ = pipeline_run
+    project, settings, summary = pipeline_run
     _, _, cache, _ = served
     runs = json.loads((settings.layout.models / "runs.json").read_text())
-    bundle = _packaged_bundle(project, runs)
+    bundle = _packaged_bundle(project, summary)
     manifest = json.loads((bundle / "bundle.json").read_text())
     recorded = manifest["served_evaluation"]
     predictor = Predictor.from_bundle(bundle, warm_up=False)  # serve.runtime: auto
