@@ -4,10 +4,13 @@ and the runtime choice follows the verdicts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from bonefrac.config import PackageConfig
+from bonefrac.evaluate.metrics import choose_threshold
 from bonefrac.inference import apply_temperature, logits
 from bonefrac.optimize import GateData, accuracy_gate
 from bonefrac.runtimes import BF16, FP32, INT8, TENSORFLOW, available, variant_of
@@ -40,6 +43,20 @@ def test_small_noise_passes_and_reports_the_largest_change():
     assert result.metrics["max_delta_p"] == pytest.approx(
         np.abs(apply_temperature(noisy[:, 0], 1.8) - served).max()
     )
+
+
+def test_an_exact_copy_passes_at_a_threshold_fitted_on_the_same_val_studies():
+    # how evaluation fits it: Youden on val study means of the served probabilities. An IR copy
+    # of the model scores ~2e-7 lower; that must not move a study across the threshold
+    served = apply_temperature(RAW[:, 0], DATA.temperature)
+    study_probs = served.reshape(-1, 2).mean(axis=1)
+    study_labels = LABELS.reshape(-1, 2).max(axis=1)
+    threshold = choose_threshold(study_labels, study_probs, "youden")
+    data = replace(DATA, labels=np.repeat(study_labels, 2), threshold=threshold)
+    copy = apply_temperature(served - 2e-7, 1 / DATA.temperature)[:, None]
+    result = accuracy_gate(RAW, copy, data, CFG)
+    assert result.passed, result.reason
+    assert result.metrics["delta_kappa"] == 0.0 and result.metrics["flips"] == 0
 
 
 def test_one_flip_in_a_hundred_is_the_limit_at_the_served_threshold():

@@ -272,11 +272,29 @@ def test_sensitivity_threshold_meets_target_and_is_the_highest_such():
     probs = np.clip(labels * 0.25 + rng.random(300) * 0.75, 0, 1)
     threshold = ev.choose_threshold(labels, probs, "sensitivity", target_sensitivity=0.9)
     assert ev.binary_metrics(labels, probs, threshold)["sensitivity"] >= 0.9
-    assert ev.binary_metrics(labels, probs, threshold + 1e-9)["sensitivity"] < 0.9
+    next_score = probs[probs > threshold].min()  # the cut sits below the score that decides
+    assert ev.binary_metrics(labels, probs, next_score + 1e-12)["sensitivity"] < 0.9
     with pytest.raises(ValueError, match="threshold method"):
         ev.choose_threshold(labels, probs, "median")
     with pytest.warns(UserWarning, match="both classes"):
         assert ev.choose_threshold([1, 1], [0.2, 0.9]) == 0.5
+
+
+def test_threshold_sits_between_val_scores_so_a_seventh_decimal_cannot_cross_it():
+    # the int8 gate once failed an exact fp32 copy: the Youden cut equalled one val study's
+    # score, and the copy's 2e-7 lower score moved that study to the other side
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 2, 60)
+    probs = np.clip(0.3 + 0.3 * labels + rng.normal(0, 0.15, 60), 0.01, 0.99)
+    for method in ("youden", "sensitivity"):
+        threshold = ev.choose_threshold(labels, probs, method)
+        assert not np.isclose(probs, threshold, rtol=0, atol=1e-9).any()
+        cut = (probs >= threshold).astype(int)
+        for nudge in (-2e-7, 2e-7):
+            assert ((probs + nudge) >= threshold).astype(int).tolist() == cut.tolist()
+        # the same studies as the ROC curve's own cut at the next score up
+        roc_cut = probs[probs >= threshold].min()
+        assert cut.tolist() == (probs >= roc_cut).astype(int).tolist()
 
 
 def test_finding_bands():

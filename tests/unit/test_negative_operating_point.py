@@ -31,10 +31,11 @@ def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]
 def test_negative_cutoff_is_the_highest_cut_that_keeps_the_target_sensitivity():
     labels = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
     probs = [0.9, 0.8, 0.7, 0.3, 0.05, 0.6, 0.2, 0.1, 0.04, 0.02]
-    # 4 of 5 abnormal studies at or above 0.3; above it only 3 of 5
-    assert ev.negative_cutoff(labels, probs, threshold=0.55, target_sensitivity=0.8) == 0.3
+    # 4 of 5 abnormal studies at or above 0.3; above it only 3 of 5. The cut-off lies midway
+    # to the next lower val score (0.2), so the same studies count as confident negatives
+    assert ev.negative_cutoff(labels, probs, threshold=0.55, target_sensitivity=0.8) == 0.25
     # never above the decision threshold: a confident negative is a negative first
-    assert ev.negative_cutoff(labels, probs, threshold=0.25, target_sensitivity=0.8) == 0.25
+    assert ev.negative_cutoff(labels, probs, threshold=0.22, target_sensitivity=0.8) == 0.22
     # a stricter target moves the cut-off down, to catch the 0.05 study too
     assert ev.negative_cutoff(labels, probs, 0.55, 0.95) <= 0.05
     # nothing abnormal on val: the sensitivity cannot be measured, so no negative is confident

@@ -120,10 +120,13 @@ def choose_threshold(
     """Operating point from the ROC curve: 'youden' maximises tpr - fpr, 'sensitivity' is the
     highest threshold whose sensitivity reaches the target. 0.5 if labels hold one class.
 
-    Always strictly inside (0, 1): a cut at a saturated score (1.0) or above every score
-    moves to the midpoint between the two distinct scores around it, so the same studies are
-    called abnormal and a probability can land on either side. Whether the point is usable
-    on val is `operating_point_problem`'s question."""
+    The ROC curve cuts at a val score; the threshold returned lies midway between that score and
+    the next lower distinct one (or half-way to 0 below the lowest). The same val studies are
+    called abnormal, but no val study sits exactly on the threshold, so a score that differs in
+    the seventh decimal (another runtime, another summation order) cannot cross it: the int8
+    gate once failed an exact fp32 copy of a model because of that. Always strictly inside
+    (0, 1): a cut at a saturated score (1.0) or above every score moves below 1 the same way.
+    Whether the point is usable on val is `operating_point_problem`'s question."""
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=float)
     if not _two_classes(labels):
@@ -136,15 +139,13 @@ def choose_threshold(
         best = int(np.argmax(tpr >= target_sensitivity))  # thresholds fall as tpr rises
     else:
         raise ValueError(f"threshold method must be 'youden' or 'sensitivity', not {method!r}")
-    cut = float(thresholds[best])  # thresholds[0] is inf: "nothing positive"
-    if 0.0 < cut < 1.0:
-        return cut
+    cut = min(float(thresholds[best]), 1.0)  # thresholds[0] is inf: "nothing positive"
     scores = np.unique(np.clip(probs, 0.0, 1.0))
-    if cut >= 1.0:  # saturated or "nothing positive": just below the cut, above the rest
-        below = scores[scores < min(cut, 1.0)]
-        return float((min(cut, 1.0) + (below.max() if below.size else 0.0)) / 2)
-    above = scores[scores > 0.0]  # cut at 0: everything positive
-    return float(above.min() / 2) if above.size else 0.5
+    if cut <= 0.0:  # cut at 0: everything positive
+        above = scores[scores > 0.0]
+        return float(above.min() / 2) if above.size else 0.5
+    below = scores[scores < cut]
+    return float((cut + (below.max() if below.size else 0.0)) / 2)
 
 
 def operating_point_problem(labels: Sequence[int], probs: Sequence[float], threshold: float):
