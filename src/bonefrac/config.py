@@ -143,6 +143,10 @@ class TrainConfig(_Section):
     class_weights: bool = True
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     mixed_precision: bool = False
+    # XLA for the training step: "auto" is Keras' choice (off when TensorFlow sees only CPUs,
+    # where forcing it on measured 1.7x slower to the first epoch and 2.7x slower per epoch
+    # after: docs/benchmarks.md; on with a GPU), or forced on (true) or off (false).
+    jit_compile: bool | Literal["auto"] = "auto"
     # Same inputs, same weights: kernels and the augmentation's random draws run in a fixed
     # order (tf.config.experimental.enable_op_determinism; cost measured in docs/training.md).
     deterministic: bool = True

@@ -100,7 +100,11 @@ def set_phase(model, phase: str, cfg: TrainConfig) -> None:
         layer.trainable = trainable
 
 
-def compile_model(model, n_outputs: int, learning_rate: float) -> None:
+def compile_model(
+    model, n_outputs: int, learning_rate: float, jit_compile: bool | str = "auto"
+) -> None:
+    """Adam and the loss of the task; `jit_compile` as Keras takes it ("auto" resolves to off
+    when TensorFlow sees only CPUs). `model.jit_compile` then holds the resolved choice."""
     import keras
 
     if n_outputs == 1:
@@ -109,7 +113,12 @@ def compile_model(model, n_outputs: int, learning_rate: float) -> None:
     else:
         loss = "categorical_crossentropy"
         metrics = ["accuracy", keras.metrics.AUC(name="auc", multi_label=True)]
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=loss,
+        metrics=metrics,
+        jit_compile=jit_compile,
+    )
 
 
 _MULTI_WORKER: list = []  # the process's one MultiWorkerMirroredStrategy, once made

@@ -318,7 +318,7 @@ def fit_model(
             continue
         set_phase(model, phase, cfg)
         with strategy.scope():
-            compile_model(model, n_outputs, learning_rate)
+            compile_model(model, n_outputs, learning_rate, cfg.jit_compile)
         phase_callbacks = [
             best,
             keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
@@ -349,6 +349,7 @@ def fit_model(
                 "phase": phase,
                 "epochs": ran,
                 "learning_rate": learning_rate,
+                "jit_compile": bool(model.jit_compile),  # "auto" as Keras resolved it
                 "trainable_weights": len(model.trainable_weights),
                 "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
             }
@@ -625,7 +626,7 @@ def _log_training_artifacts(result: TrainResult, folder: Path) -> None:
     phases = {
         f"{key}_{entry['phase']}": entry[key]
         for entry in result.phases
-        for key in ("epochs", "trainable_weights", "trainable_params")
+        for key in ("epochs", "jit_compile", "trainable_weights", "trainable_params")
     }
     if phases:
         mlflow.log_params(phases)

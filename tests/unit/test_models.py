@@ -130,3 +130,24 @@ def test_training_is_reproducible_on_one_machine(tmp_path):
     # weights (it was, through keras.models.clone_model, and filled CI's disk)
     assert first["compiled"] is False
     assert first["file_per_weight_byte"] < 1.2
+
+
+def test_jit_compile_is_a_train_param_that_reaches_keras():
+    """train.jit_compile: forced on, forced off, or Keras' "auto" (off when TensorFlow sees only
+    CPUs, where XLA measured slower). The model carries the resolved choice; training records
+    it per phase (test_finetune_path)."""
+    import tensorflow as tf
+    from pydantic import ValidationError
+
+    from bonefrac.models import build_classifier, compile_model
+
+    with pytest.raises(ValidationError, match="jit_compile"):
+        TrainConfig(jit_compile="sometimes")
+    assert TrainConfig().jit_compile == "auto"
+    assert TrainConfig(jit_compile=True).jit_compile is True
+    cfg = TrainConfig(weights="none")
+    model = build_classifier(1, 32, cfg, name="jit")
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    for choice, resolved in ((True, True), (False, False), ("auto", gpu)):
+        compile_model(model, 1, 1e-3, choice)
+        assert model.jit_compile is resolved, choice
