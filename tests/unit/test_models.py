@@ -151,3 +151,23 @@ def test_jit_compile_is_a_train_param_that_reaches_keras():
     for choice, resolved in ((True, True), (False, False), ("auto", gpu)):
         compile_model(model, 1, 1e-3, choice)
         assert model.jit_compile is resolved, choice
+
+
+def test_evaluation_traces_each_model_once_per_image_size():
+    """The evaluate stage's forward pass: 70 images in batches of 32 (32, 32, 6) run through
+    one trace, not one per batch shape, and give what the model gives."""
+    import keras
+
+    from bonefrac.evaluate.stage import predict
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(1, "sigmoid")]
+    )
+    images = np.random.default_rng(3).integers(0, 256, (70, 8, 8), dtype=np.uint8)
+    out = predict(model, images)
+    out_again = predict(model, images[:5])
+    expected = np.asarray(model(np.repeat(images[..., None], 3, -1).astype("float32")))
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    np.testing.assert_allclose(out_again, expected[:5], rtol=1e-5)
+    assert model._bonefrac_forward_8x8.experimental_get_tracing_count() == 1

@@ -49,13 +49,17 @@ PREDICT_BATCH = 32
 
 def predict(model, images: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray:
     """Model outputs for (N, S, S) uint8 cache rows, through one compiled forward function
-    (Keras' `predict` adds per-call overhead; eager calls are slower still)."""
+    (Keras' `predict` adds per-call overhead; eager calls are slower still). Its signature
+    leaves the batch open, so the short last batch reuses the one trace per image size."""
     import tensorflow as tf
 
-    forward = getattr(model, "_bonefrac_forward", None)
+    height, width = images.shape[1:3]
+    name = f"_bonefrac_forward_{height}x{width}"
+    forward = getattr(model, name, None)
     if forward is None:
-        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        model._bonefrac_forward = forward
+        spec = tf.TensorSpec((None, height, width, 3), tf.float32)
+        forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        setattr(model, name, forward)
     outputs = []
     for start in range(0, len(images), batch):
         block = np.asarray(images[start : start + batch])
