@@ -143,9 +143,10 @@ class TrainConfig(_Section):
     class_weights: bool = True
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     mixed_precision: bool = False
-    # XLA for the training step: "auto" is Keras' choice (off when TensorFlow sees only CPUs,
-    # where forcing it on measured 1.7x slower to the first epoch and 2.7x slower per epoch
-    # after: docs/benchmarks.md; on with a GPU), or forced on (true) or off (false).
+    # XLA for the training step: "auto" is Keras' choice, or forced on (true) or off (false).
+    # "auto" is off when TensorFlow sees only CPUs (forcing it on measured 1.44x slower to the
+    # first epoch here: docs/benchmarks.md) and off while `deterministic` is on (Keras turns XLA
+    # off under op determinism), so with a GPU it means XLA only with deterministic: false.
     jit_compile: bool | Literal["auto"] = "auto"
     # Same inputs, same weights: kernels and the augmentation's random draws run in a fixed
     # order (tf.config.experimental.enable_op_determinism; cost measured in docs/training.md).
@@ -168,6 +169,11 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"patience ({self.patience}) must exceed lr_patience ({self.lr_patience}), "
                 "so a lowered learning rate gets epochs to work"
+            )
+        if self.jit_compile is True and self.deterministic:
+            raise ValueError(
+                "jit_compile: true needs deterministic: false (Keras turns XLA off while "
+                "TensorFlow's op determinism is on)"
             )
         return self
 

@@ -18,6 +18,7 @@ from sklearn.metrics import (
     precision_score,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 
 from bonefrac import DISCLAIMER
@@ -286,15 +287,23 @@ def test_threshold_sits_between_val_scores_so_a_seventh_decimal_cannot_cross_it(
     rng = np.random.default_rng(11)
     labels = rng.integers(0, 2, 60)
     probs = np.clip(0.3 + 0.3 * labels + rng.normal(0, 0.15, 60), 0.01, 0.99)
-    for method in ("youden", "sensitivity"):
-        threshold = ev.choose_threshold(labels, probs, method)
+    fpr, tpr, cuts = roc_curve(labels, probs, drop_intermediate=False)
+    roc_cuts = {"youden": cuts[np.argmax(tpr - fpr)], "sensitivity": cuts[np.argmax(tpr >= 0.9)]}
+    for method, roc_cut in roc_cuts.items():
+        threshold = ev.choose_threshold(labels, probs, method, target_sensitivity=0.9)
         assert not np.isclose(probs, threshold, rtol=0, atol=1e-9).any()
         cut = (probs >= threshold).astype(int)
         for nudge in (-2e-7, 2e-7):
             assert ((probs + nudge) >= threshold).astype(int).tolist() == cut.tolist()
-        # the same studies as the ROC curve's own cut at the next score up
-        roc_cut = probs[probs >= threshold].min()
+        # the same studies as the ROC curve's own cut (a val score)
+        assert roc_cut in probs
         assert cut.tolist() == (probs >= roc_cut).astype(int).tolist()
+    # two val scores one float step apart: no number between them, so the cut stays a score
+    # (the midpoint would round onto the lower one and call its study abnormal too)
+    a = 0.3
+    b = np.nextafter(a, 0)
+    threshold = ev.choose_threshold([0, 0, 1], [0.1, b, a], "youden")
+    assert threshold == a and [p >= threshold for p in (0.1, b, a)] == [False, False, True]
 
 
 def test_finding_bands():

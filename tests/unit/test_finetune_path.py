@@ -51,7 +51,6 @@ def _digest(weights: list[np.ndarray]) -> str:
 
 def test_two_phase_fine_tuning_from_a_weights_file(tmp_path):
     import keras
-    import tensorflow as tf
 
     from bonefrac.cache import load_cache
     from bonefrac.models import backbone_of
@@ -106,9 +105,9 @@ def test_two_phase_fine_tuning_from_a_weights_file(tmp_path):
     # 2. both phases ran, each with its own trainable set
     assert [p["phase"] for p in result.phases] == ["head", "finetune"]
     assert [p["epochs"] for p in result.phases] == [HEAD_EPOCHS, 2]
-    # train.jit_compile "auto" as Keras resolved it: XLA stays off with only CPUs
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    assert [p["jit_compile"] for p in result.phases] == [gpu, gpu]
+    # train.jit_compile "auto" as Keras resolved it: XLA off, as it is with only CPUs and
+    # under train.deterministic (the default), which turns op determinism on
+    assert [p["jit_compile"] for p in result.phases] == [False, False]
     head, finetune = result.phases
     assert head["trainable_weights"] == 2  # the dense head's kernel and bias
     assert head["trainable_params"] == 2048 + 1  # ResNet50's 2048 pooled features -> 1

@@ -135,22 +135,47 @@ def test_training_is_reproducible_on_one_machine(tmp_path):
 def test_jit_compile_is_a_train_param_that_reaches_keras():
     """train.jit_compile: forced on, forced off, or Keras' "auto" (off when TensorFlow sees only
     CPUs, where XLA measured slower). The model carries the resolved choice; training records
-    it per phase (test_finetune_path)."""
-    import tensorflow as tf
+    it per phase (test_finetune_path). Keras turns XLA off under op determinism, which
+    train.deterministic enables process-wide, so forcing it on with deterministic is refused
+    and the check runs in a fresh process."""
     from pydantic import ValidationError
-
-    from bonefrac.models import build_classifier, compile_model
 
     with pytest.raises(ValidationError, match="jit_compile"):
         TrainConfig(jit_compile="sometimes")
+    with pytest.raises(ValidationError, match="needs deterministic: false"):
+        TrainConfig(jit_compile=True)
     assert TrainConfig().jit_compile == "auto"
-    assert TrainConfig(jit_compile=True).jit_compile is True
-    cfg = TrainConfig(weights="none")
-    model = build_classifier(1, 32, cfg, name="jit")
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    for choice, resolved in ((True, True), (False, False), ("auto", gpu)):
-        compile_model(model, 1, 1e-3, choice)
-        assert model.jit_compile is resolved, choice
+    assert TrainConfig(jit_compile=True, deterministic=False).jit_compile is True
+    script = textwrap.dedent("""
+        import json, warnings
+        import tensorflow as tf
+        from bonefrac.config import TrainConfig
+        from bonefrac.models import build_classifier, compile_model
+        model = build_classifier(1, 32, TrainConfig(weights="none"), name="jit")
+        seen = {}
+        for choice in (True, False, "auto"):
+            compile_model(model, 1, 1e-3, choice)
+            seen[str(choice)] = model.jit_compile
+        tf.config.experimental.enable_op_determinism()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compile_model(model, 1, 1e-3, True)
+        seen["True, deterministic"] = model.jit_compile
+        seen["gpu"] = bool(tf.config.list_physical_devices("GPU"))
+        print(json.dumps(seen))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "True": True,
+        "False": False,
+        "auto": seen["gpu"],
+        "True, deterministic": False,
+        "gpu": seen["gpu"],
+    }
 
 
 def test_evaluation_traces_each_model_once_per_image_size():

@@ -118,13 +118,14 @@ def choose_threshold(
     target_sensitivity: float = 0.9,
 ) -> float:
     """Operating point from the ROC curve: 'youden' maximises tpr - fpr, 'sensitivity' is the
-    highest threshold whose sensitivity reaches the target. 0.5 if labels hold one class.
+    highest ROC cut whose sensitivity reaches the target. 0.5 if labels hold one class.
 
     The ROC curve cuts at a val score; the threshold returned lies midway between that score and
     the next lower distinct one (or half-way to 0 below the lowest). The same val studies are
     called abnormal, but no val study sits exactly on the threshold, so a score that differs in
-    the seventh decimal (another runtime, another summation order) cannot cross it: the int8
-    gate once failed an exact fp32 copy of a model because of that. Always strictly inside
+    the seventh decimal (another runtime, another summation order) cannot cross it unless two
+    val scores are that close: the int8 gate once failed an exact fp32 copy of a model because
+    the threshold was a val score. Always strictly inside
     (0, 1): a cut at a saturated score (1.0) or above every score moves below 1 the same way.
     Whether the point is usable on val is `operating_point_problem`'s question."""
     labels = np.asarray(labels, dtype=int)
@@ -145,7 +146,10 @@ def choose_threshold(
         above = scores[scores > 0.0]
         return float(above.min() / 2) if above.size else 0.5
     below = scores[scores < cut]
-    return float((cut + (below.max() if below.size else 0.0)) / 2)
+    low = below.max() if below.size else 0.0
+    middle = (cut + low) / 2
+    # two scores one float step apart have no number between them: keep the cut itself
+    return float(middle if low < middle < cut else cut)
 
 
 def operating_point_problem(labels: Sequence[int], probs: Sequence[float], threshold: float):
@@ -170,7 +174,8 @@ def negative_cutoff(
 ) -> float:
     """The probability below which a negative counts as a confident one, fitted on val studies.
 
-    The highest cut whose sensitivity (abnormal studies at or above it) still reaches the
+    The highest ROC cut (placed between val scores, as `choose_threshold` places it) whose
+    sensitivity (abnormal studies at or above it) still reaches the
     target: a "no abnormality" below it is one the model rarely gets wrong for abnormal studies
     (prevalence-independent, unlike the NPV). Never above the decision threshold. With no
     abnormal val study the sensitivity cannot be measured: 0.0, so no negative is confident."""
