@@ -125,9 +125,9 @@ def choose_threshold(
     called abnormal, but no val study sits exactly on the threshold, so a score that differs in
     the seventh decimal (another runtime, another summation order) cannot cross it unless two
     val scores are that close: the int8 gate once failed an exact fp32 copy of a model because
-    the threshold was a val score. Always strictly inside
-    (0, 1): a cut at a saturated score (1.0) or above every score moves below 1 the same way.
-    Whether the point is usable on val is `operating_point_problem`'s question."""
+    the threshold was a val score. Always strictly inside (0, 1): a cut at a saturated score
+    (1.0) or above every score moves below 1 the same way. Whether the point is usable on val
+    is `operating_point_problem`'s question."""
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=float)
     if not _two_classes(labels):
@@ -175,9 +175,9 @@ def negative_cutoff(
     """The probability below which a negative counts as a confident one, fitted on val studies.
 
     The highest ROC cut (placed between val scores, as `choose_threshold` places it) whose
-    sensitivity (abnormal studies at or above it) still reaches the
-    target: a "no abnormality" below it is one the model rarely gets wrong for abnormal studies
-    (prevalence-independent, unlike the NPV). Never above the decision threshold. With no
+    sensitivity (abnormal studies at or above it) still reaches the target: a "no abnormality"
+    below it is one the model rarely gets wrong for abnormal studies (prevalence-independent,
+    unlike the NPV). Never above the decision threshold. With no
     abnormal val study the sensitivity cannot be measured: 0.0, so no negative is confident."""
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=float)
