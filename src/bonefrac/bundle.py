@@ -1,7 +1,9 @@
 """The serving bundle: everything the service needs, in one folder, one BentoML model.
 
     bundle/
-      bundle.json            format, parts, image size, preprocessing, per-model versions and
+      bundle.json            format, parts, image size and preprocessing (the OOD gate's: this
+                             run's), per-model versions, preprocessing (each model's own: a
+                             kept champion may predate a preprocessing change) and
                              operating points (threshold, temperature, uncertain band; and,
                              optional, the confident-negative cut-off and the val sensitivity
                              with its interval, both fitted on val),
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bonefrac.bundle_integrity import verify_bundle, write_manifest
-from bonefrac.config import Settings, body_part_name
+from bonefrac.config import PreprocessConfig, Settings, body_part_name
 from bonefrac.errors import DataError
 from bonefrac.inference import OodGate, OperatingPoint
 from bonefrac.models import BODY_PART_MODEL
@@ -153,6 +155,26 @@ def operating_points(manifest: dict) -> dict[str, OperatingPoint]:
             raise DataError(f"the bundle has no operating point for {part}: package it again")
         points[part] = OperatingPoint.from_dict(meta)
     return points
+
+
+OOD_INPUT = "ood_gate"  # the OOD gate's input in `model_inputs`: the bundle's own preprocessing
+
+
+def preprocess_key(values: dict) -> str:
+    """One preprocessing as a canonical string (equal settings, equal key)."""
+    cfg = PreprocessConfig(**values).model_dump(mode="json", exclude={"workers"})
+    return json.dumps(cfg, sort_keys=True)
+
+
+def model_inputs(manifest: dict) -> dict[str, str]:
+    """Which preprocessing each model (and the OOD gate, `OOD_INPUT`) takes, as
+    `preprocess_key`s: a model's own when the bundle records one (a kept champion may predate
+    a preprocessing change), else the bundle's, which is also the OOD gate's (the PCA was
+    fitted on it)."""
+    inputs = {OOD_INPUT: preprocess_key(manifest["preprocess"])}
+    for name, meta in manifest["models"].items():
+        inputs[name] = preprocess_key(meta.get("preprocess") or manifest["preprocess"])
+    return inputs
 
 
 def load_ood_gate(path: Path) -> OodGate:

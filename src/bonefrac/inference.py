@@ -133,6 +133,54 @@ class OodGate:
             )
 
 
+# -- inputs preprocessed several ways ------------------------------------------------------------
+
+
+class Views:
+    """N images preprocessed one or more ways: `views[key]` is the (N, S_k, S_k, 3) uint8
+    batch for preprocessing `key`, and `views[rows]` (a mask or index array) keeps those
+    images in every preprocessing. A bundle whose models were trained with different
+    preprocessing (a kept champion from before a preprocessing change) feeds each model its
+    own view; the core only ever indexes rows, so it never needs to know."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"every preprocessing needs the same images, got lengths {lengths}")
+        self._arrays = dict(arrays)
+
+    def __len__(self) -> int:
+        return len(next(iter(self._arrays.values())))
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return self._arrays[index]
+        return Views({key: array[index] for key, array in self._arrays.items()})
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self._arrays)
+
+    @staticmethod
+    def concat(items: Sequence[Views]) -> Views:
+        """The images of several Views (same preprocessings) as one batch."""
+        return Views({key: np.concatenate([v[key] for v in items]) for key in items[0].keys})
+
+
+def viewed(forward: Forward, key: str, arrays_ok: bool) -> Forward:
+    """A forward function that takes Views and runs on preprocessing `key`'s images;
+    `arrays_ok`: a plain image array passes through too (a bundle with one preprocessing)."""
+
+    def run(images):
+        if isinstance(images, Views):
+            return forward(images[key])
+        if not arrays_ok:
+            raise TypeError("this bundle's models take different preprocessing: pass Views")
+        return forward(images)
+
+    return run
+
+
 # -- the two stages -----------------------------------------------------------------------------
 
 

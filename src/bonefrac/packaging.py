@@ -1,6 +1,8 @@
 """Packaging: the champions (or the champions-to-be) -> one bundle -> BentoML model store ->
-`bentoml build`. Refuses a champion whose operating point cannot be served, and bundles the
-champions' own preprocessing, recorded per model."""
+`bentoml build`. Refuses a champion whose operating point cannot be served, and records each
+champion's own preprocessing in the bundle: a champion kept from before a preprocessing change
+is served with the preprocessing it was trained with, next to challengers trained with the
+new one (the service preprocesses an upload once per distinct preprocessing)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac.config import PreprocessConfig, Settings
+from bonefrac.config import Settings
 from bonefrac.data.mura import body_part_name
 from bonefrac.errors import DataError
 from bonefrac.gate import Decision
@@ -70,18 +72,13 @@ def package_champions(
                     "version with a usable operating point (`bonefrac champion pin`)"
                 )
     preprocess = {n: version_preprocess(c, settings) for n, c in champions.items()}
-    if (
-        None in preprocess.values()
-        or len({json.dumps(p, sort_keys=True) for p in preprocess.values()}) != 1
-    ):
+    unknown = [f"{c.name} v{c.version}" for n, c in champions.items() if preprocess[n] is None]
+    if unknown:
         raise DataError(
-            "the champions were trained with different (or unrecorded) preprocessing and a "
-            "bundle serves one: pin champions that share one (`bonefrac champion pin`)"
+            f"cannot package {', '.join(unknown)}: its preprocessing is not recorded, so it "
+            "cannot be served the way it was trained; pin a version that records it "
+            "(`bonefrac champion pin`)"
         )
-    # the champions' own preprocessing, which may predate the current params
-    bundle_settings = settings.model_copy(
-        update={"preprocess": PreprocessConfig(**next(iter(preprocess.values())))}
-    )
     with tempfile.TemporaryDirectory(prefix="bonefrac-bundle-") as tmp:
         tmp = Path(tmp)
         files, points, versions = {}, {}, {}
@@ -94,7 +91,7 @@ def package_champions(
                 "registered_name": champion.name,
                 "version": champion.version,
                 "run_id": champion.run_id,
-                "preprocess": preprocess[name],  # each model's own (all equal: see above)
+                "preprocess": preprocess[name],  # each model's own; serving applies it
             }
             if name != BODY_PART_MODEL:
                 points[name] = {
@@ -106,7 +103,7 @@ def package_champions(
                 versions[name]["classes"] = [body_part_name(p) for p in settings.data.parts]
         bundle = write_bundle(
             tmp / "bundle",
-            bundle_settings,
+            settings,  # the bundle-level preprocessing: the OOD gate's, fitted in this run
             files,
             points,
             settings.layout.pca / "pca.joblib",
@@ -128,20 +125,25 @@ def package_champions(
 def add_openvino(bundle: Path, settings: Settings, points: dict, client, champions: dict) -> dict:
     """OpenVINO IR + NNCF int8 of every bundled model, calibrated on train and gated on val
     (`bonefrac.optimize`); the outcome goes into bundle.json and onto each model version."""
-    from bonefrac.bundle import read_bundle
+    from bonefrac.bundle import OOD_INPUT, model_inputs, preprocess_key, read_bundle
     from bonefrac.cache import load_cache
     from bonefrac.optimize import add_to_bundle, gate_data
 
     manifest = read_bundle(bundle)
     cache = load_cache(settings.layout.preprocessed)
-    if cache.meta.get("preprocess") != manifest["preprocess"]:
+    cached = preprocess_key(cache.meta.get("preprocess") or manifest["preprocess"])
+    other = [n for n, key in model_inputs(manifest).items() if key != cached]
+    if other:
         section = add_to_bundle(
             bundle,
             None,
             settings.package,
-            skipped="the preprocessed cache does not match the champions' preprocessing, so "
-            "nothing served-like can calibrate and gate them: serving uses TensorFlow",
+            skipped=f"{', '.join(other)} use(s) other preprocessing than the preprocessed "
+            "cache, so nothing served-like can calibrate and gate them: serving uses "
+            "TensorFlow",
         )
+        if cached == model_inputs(manifest)[OOD_INPUT]:
+            record_served_evaluation(bundle, settings, cache)
     else:
         classes = manifest["models"][BODY_PART_MODEL].get("classes") or manifest["parts"]
         data = {
@@ -169,17 +171,34 @@ def add_openvino(bundle: Path, settings: Settings, points: dict, client, champio
 def record_served_evaluation(bundle: Path, settings: Settings, cache) -> dict:
     """The test split end to end through the runtime the service picks for this bundle on this
     host (`serve.runtime`), recorded in bundle.json as `served_evaluation`: the evaluate stage
-    measured the Keras fp32 models; this is what int8 serving answers. Reported, never used
-    to choose anything (invariant 2)."""
+    measured the Keras fp32 models; this is what int8 serving answers. Each model gets the
+    test images preprocessed its own way (the cache's, or freshly from the files for a kept
+    champion trained with other preprocessing). Reported, never used to choose anything
+    (invariant 2)."""
     from bonefrac.bundle import BUNDLE_FILE, read_bundle
     from bonefrac.bundle_integrity import write_manifest
     from bonefrac.evaluate.end_to_end import evaluate_bundle
+    from bonefrac.inference import Views
+    from bonefrac.registry import split_images
     from bonefrac.serving.predictor import Predictor
 
     predictor = Predictor.from_bundle(bundle, settings.serve, warm_up=False)
     runtime = predictor.runtime_info
+    rows = cache.rows(split="test")
+    inputs = Views(
+        {
+            key: np.repeat(split_images(settings, cache, rows, json.loads(key))[..., None], 3, -1)
+            for key in predictor.input_configs
+        }
+    )
     result = evaluate_bundle(
-        predictor.core, predictor.gate, cache, settings.evaluate, runtime["name"]
+        predictor.core,
+        predictor.gate,
+        cache,
+        settings.evaluate,
+        runtime["name"],
+        inputs=inputs,
+        ood=predictor.ood_scores(inputs),
     )
     served = {"runtime": runtime} | {
         level: {k: result.metrics[level].get(k) for k in ("n", "kappa", "auroc", "accuracy")}

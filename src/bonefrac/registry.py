@@ -106,7 +106,7 @@ def version_preprocess(version, settings: Settings) -> dict | None:
     return None
 
 
-def _images(settings: Settings, cache, rows: np.ndarray, preprocess: dict) -> np.ndarray:
+def split_images(settings: Settings, cache, rows: np.ndarray, preprocess: dict) -> np.ndarray:
     """Gate images (N, S, S) uint8 preprocessed as `preprocess` says: the cache when it was
     built that way, else freshly from the raw files (a champion trained another way)."""
     from bonefrac.data import mura
@@ -131,7 +131,7 @@ def _scored(settings, cache, name: str, model, preprocess: dict, point: dict) ->
     rows = np.flatnonzero(split)
     columns = ["path", "split", "patient_id", "study_id", "label", "body_part"]
     frame = cache.index.iloc[rows][columns].reset_index(drop=True)
-    outputs = predict(model, _images(settings, cache, rows, preprocess))
+    outputs = predict(model, split_images(settings, cache, rows, preprocess))
     if name == BODY_PART_MODEL:
         parts = [body_part_name(p) for p in settings.data.parts]
         frame["truth"] = frame["body_part"]
@@ -225,7 +225,6 @@ def register(settings: Settings) -> list[Decision]:
         champion = _champion_input(settings, client, cache, name, found) if found else None
         decision = decide_for(settings, name, reg_name, challenger, champion)
         decisions.append((name, reg_name, point, decision))
-    decisions = _servable(decisions, client, settings)
 
     registered = []
     for name, reg_name, point, decision in decisions:
@@ -255,34 +254,6 @@ def register(settings: Settings) -> list[Decision]:
         )
         registered.append(replace(decision, version=str(version.version)))
     return registered
-
-
-def _servable(decisions: list, client, settings: Settings) -> list:
-    """A bundle serves one preprocessing. If promoting would mix the challengers' with a kept
-    champion's, the promotions wait (reason recorded) rather than break packaging; they go
-    live together once every model's challenger wins or a person pins them."""
-    current = _preprocess_dump(settings.preprocess)
-    kept = {}
-    for name, reg_name, _, decision in decisions:
-        if not decision.promoted and decision.champion_version:
-            version = guarded(
-                client, "reading", client.get_model_version, reg_name, decision.champion_version
-            )
-            kept[name] = version_preprocess(version, settings)
-    mixed = [n for n, p in kept.items() if p != current]
-    if not mixed:
-        return decisions
-    out = []
-    for name, reg_name, point, decision in decisions:
-        if decision.promoted:
-            decision = replace(
-                decision,
-                promoted=False,
-                reason=f"not promoted yet: {decision.reason}; but the kept champion(s) of "
-                f"{', '.join(mixed)} use other preprocessing and a bundle serves one",
-            )
-        out.append((name, reg_name, point, decision))
-    return out
 
 
 def promote(settings: Settings, decisions: list[Decision]) -> None:

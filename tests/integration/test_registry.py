@@ -174,29 +174,19 @@ def test_packaging_refuses_an_unusable_operating_point(store):
         package_champions(settings, build=False)
 
 
-def test_a_promotion_that_would_mix_preprocessing_waits_and_packaging_refuses_a_mix(store):
-    from bonefrac.gate import Decision
-    from bonefrac.registry import _servable
-
+def test_packaging_refuses_a_champion_whose_preprocessing_is_not_recorded(store):
+    """A champion from other preprocessing is packaged with its own (see
+    test_served_evaluation); one whose preprocessing nobody recorded cannot be served the way
+    it was trained, so packaging says so instead of guessing."""
     project, settings, client = store
     older = settings.preprocess.model_copy(update={"clahe_clip_limit": 3.0})
     older = json.dumps(older.model_dump(mode="json", exclude={"workers"}))
     client.set_model_version_tag(NAMES["elbow"], "3", "bonefrac.preprocess", older)
-
-    def decision(model: str, promoted: bool) -> tuple:
-        made = Decision(model, NAMES[model], "4", "study_kappa", 0.8, "3", 0.5, promoted, "gate")
-        return (model, NAMES[model], {}, made)
-
-    decisions = [decision("hand", True), decision("elbow", False), decision("shoulder", False)]
-    waited = {d.model: d for *_, d in _servable(decisions, client, settings)}
-    assert not waited["hand"].promoted
-    assert "kept champion(s) of elbow use other preprocessing" in waited["hand"].reason
-    # without the promotion nothing mixes, so nothing waits
-    unchanged = _servable(decisions[1:], client, settings)
-    assert [d for *_, d in unchanged] == [d for *_, d in decisions[1:]]
-    # a person who pins a mix gets a clear refusal at packaging, not a wrong bundle
-    with pytest.raises(DataError, match="different .or unrecorded. preprocessing"):
+    client.delete_model_version_tag(NAMES["hand"], "3", "bonefrac.preprocess")
+    unrecorded = r"bonefrac-fracture-hand v3: its preprocessing is not recorded"
+    with pytest.raises(DataError, match=unrecorded) as e:
         package_champions(settings, build=False)
+    assert "elbow" not in str(e.value)  # other preprocessing is fine; unrecorded is not
 
 
 def test_a_champion_with_other_preprocessing_is_scored_on_images_preprocessed_its_way(
@@ -205,14 +195,14 @@ def test_a_champion_with_other_preprocessing_is_scored_on_images_preprocessed_it
     from bonefrac.config import PreprocessConfig
     from bonefrac.data import mura
     from bonefrac.imaging import preprocess_file
-    from bonefrac.registry import _images, version_preprocess
+    from bonefrac.registry import split_images, version_preprocess
 
     settings, cache = demo_cache
     rows = cache.rows(split="val")[:5]
     current = settings.preprocess.model_dump(mode="json", exclude={"workers"})
-    np.testing.assert_array_equal(_images(settings, cache, rows, current), cache.images[rows])
+    np.testing.assert_array_equal(split_images(settings, cache, rows, current), cache.images[rows])
     other = {**current, "clahe": False, "gaussian_kernel": 3}
-    images = _images(settings, cache, rows, other)
+    images = split_images(settings, cache, rows, other)
     data_dir = mura.find_mura_root(settings.paths.data).parent
     first = preprocess_file(data_dir / cache.index["path"].iloc[rows[0]], PreprocessConfig(**other))
     np.testing.assert_array_equal(images[0], first[..., 0])

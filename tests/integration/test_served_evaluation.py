@@ -145,3 +145,68 @@ def test_bundle_records_what_its_default_runtime_answers_on_the_test_split(pipel
     for level in ("image", "study"):
         for key in ("kappa", "auroc", "n"):
             assert again.metrics[level][key] == pytest.approx(recorded[level][key], abs=1e-9)
+
+
+def test_a_kept_champion_with_older_preprocessing_is_evaluated_and_served_its_own_way(
+    pipeline_run, served, tmp_path
+):
+    """After a preprocessing change the gate may keep a champion trained the old way: the
+    bundle records its preprocessing, packaging skips the OpenVINO export it cannot calibrate
+    (the cache is the new preprocessing) but still records the served evaluation, and both
+    that evaluation and the service feed it test images preprocessed its way, freshly from the
+    files; the other models and the OOD gate keep the cache's."""
+    import shutil
+
+    import keras
+
+    from bonefrac.bundle import BUNDLE_FILE
+    from bonefrac.bundle_integrity import write_manifest
+    from bonefrac.config import PreprocessConfig
+    from bonefrac.data.mura import find_mura_root
+    from bonefrac.imaging import preprocess_file
+    from bonefrac.packaging import add_openvino
+    from bonefrac.serving.predictor import Predictor
+
+    project, settings, summary = pipeline_run
+    _, _, cache, _ = served
+    bundle = tmp_path / "bundle"
+    shutil.copytree(_packaged_bundle(project, summary), bundle)
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    assert manifest["preprocess"]["gaussian_kernel"] > 0
+    older = {**manifest["preprocess"], "gaussian_kernel": 0}  # before the filter was on
+    manifest["models"]["hand"]["preprocess"] = older
+    for key in ("openvino", "served_evaluation"):
+        manifest.pop(key, None)
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(bundle)
+
+    section = add_openvino(bundle, settings, {}, None, {})  # no champions: nothing to tag
+    assert "hand" in section["skipped"] and "elbow" not in section["skipped"]
+    recorded = json.loads((bundle / BUNDLE_FILE).read_text())["served_evaluation"]
+    assert recorded["runtime"]["name"] == "tensorflow"
+
+    predictor = Predictor.from_bundle(bundle, warm_up=False)
+    assert predictor.runtime_info["name"] == "tensorflow"
+    data_dir = find_mura_root(settings.paths.data).parent
+    test = cache.index[cache.index["split"] == "test"]
+    labels, predictions = [], []
+    for _, images in test.groupby("study_id", sort=False):
+        files = [(data_dir / path).read_bytes() for path in images["path"]]
+        fracture = predictor.predict_study(files, allow_ood=True)["fracture"]
+        labels.append(int(images["label"].iloc[0]))
+        predictions.append(int(fracture["probability"] >= fracture["threshold"]))
+    # what packaging recorded is what this service answers, study by study
+    assert recorded["study"]["n"] == len(labels)
+    assert recorded["study"]["kappa"] == pytest.approx(
+        cohen_kappa_score(labels, predictions), abs=1e-9
+    )
+
+    # hand's answer is its model on the old preprocessing, not on the cache's
+    hand = keras.models.load_model(bundle / "hand" / "model.keras", compile=False)
+    path = data_dir / test[test["body_part"] == "hand"]["path"].iloc[0]
+    views = predictor.inputs(path.read_bytes())
+    got = float(np.asarray(predictor.core.fracture["hand"](views)).reshape(-1)[0])
+    x = preprocess_file(path, PreprocessConfig(**older))[None]
+    assert got == pytest.approx(float(np.asarray(hand(x.astype(np.float32)))[0, 0]), abs=1e-5)
+    new = preprocess_file(path, PreprocessConfig(**manifest["preprocess"]))[None]
+    assert not np.array_equal(x, new)  # so feeding it the cache's image would be another input

@@ -37,6 +37,7 @@ from bonefrac.inference import (
     Decisions,
     OodGate,
     TwoStage,
+    Views,
     decide,
     route,
 )
@@ -115,22 +116,28 @@ def evaluate_end_to_end(
 
 
 def evaluate_bundle(
-    model: TwoStage, gate: OodGate, cache: Cache, cfg: EvaluateConfig, runtime: str
+    model: TwoStage,
+    gate: OodGate,
+    cache: Cache,
+    cfg: EvaluateConfig,
+    runtime: str,
+    *,
+    inputs: Views | None = None,
+    ood: np.ndarray | None = None,
 ) -> EndToEnd:
     """The end-to-end evaluation of a packaged bundle, run by the runtime that will serve it:
     `model` carries that runtime's forward functions (`Predictor.from_bundle(dir).core` for
     the Keras fp32 models today; an int8 runtime hands in its own) and `gate` the bundle's OOD
-    gate. Inputs are fed exactly as the service feeds them: (N, S, S, 3) uint8."""
+    gate. Inputs are fed exactly as the service feeds them: (N, S, S, 3) uint8 of the cache's
+    test split, or `inputs` with their `ood` scores (a bundle whose models take different
+    preprocessing: the test split in each, as `Predictor.as_views` expects)."""
     rows = cache.rows(split="test")
-    images = np.asarray(cache.images[rows])  # (N, S, S)
-    return evaluate_end_to_end(
-        model,
-        np.repeat(images[..., np.newaxis], 3, axis=-1),
-        cache.index.iloc[rows],
-        ood_scores(gate, images),
-        cfg,
-        runtime=runtime,
-    )
+    if inputs is None:
+        images = np.asarray(cache.images[rows])  # (N, S, S)
+        inputs, ood = np.repeat(images[..., np.newaxis], 3, axis=-1), ood_scores(gate, images)
+    elif ood is None or len(ood) != len(inputs) or len(inputs) != len(rows):
+        raise ValueError("evaluate_bundle needs the test split's inputs and their OOD scores")
+    return evaluate_end_to_end(model, inputs, cache.index.iloc[rows], ood, cfg, runtime=runtime)
 
 
 def _answers(frame: pd.DataFrame, decisions: Decisions, ood_gate: bool) -> pd.DataFrame:

@@ -1,14 +1,16 @@
 """Two-stage inference on uploaded X-rays, with no web framework: what the service, the CLI and
 the tests all call.
 
-An upload is decoded and preprocessed by `imaging.preprocess_bytes` (the function training
-used, invariant 1); everything after that is the inference core (`bonefrac.inference`): the
-PCA out-of-distribution score, the body-part ResNet50, routing to a part's fracture ResNet50,
-the temperature fitted at evaluation, the study mean (MURA protocol, invariant 3) and the
-finding at the evaluated threshold and uncertain band. The evaluate stage runs the same core
-over the test split, so the service says what the evaluation measured. This module only
-loads the bundle, runs the models and writes the response JSON. Models are called through
-`tf.function`, not `model.predict`, whose per-call overhead doubles single-image latency.
+An upload is decoded once and preprocessed by `imaging.preprocess` (the function training used,
+invariant 1), once per distinct preprocessing in the bundle (a champion kept across a
+preprocessing change gets its own, `inference.Views`); everything after that is the inference
+core (`bonefrac.inference`): the PCA out-of-distribution score, the body-part ResNet50, routing
+to a part's fracture ResNet50, the temperature fitted at evaluation, the study mean (MURA
+protocol, invariant 3) and the finding at the evaluated threshold and uncertain band. The
+evaluate stage runs the same core over the test split, so the service says what the evaluation
+measured. This module only loads the bundle, runs the models and writes the response JSON.
+Models are called through `tf.function`, not `model.predict`, whose per-call overhead doubles
+single-image latency.
 
 Every response carries the disclaimer (invariant 8) and says whether the models were trained
 on synthetic data. Nothing from a DICOM header but pixels is ever read (see `imaging`).
@@ -17,6 +19,7 @@ on synthetic data. Nothing from a DICOM header but pixels is ever read (see `ima
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,17 +27,27 @@ from typing import Any
 import numpy as np
 
 from bonefrac import DISCLAIMER, runtimes
-from bonefrac.bundle import BUNDLE_FORMAT, MODEL_FILE, load_ood_gate, operating_points, read_bundle
+from bonefrac.bundle import (
+    BUNDLE_FORMAT,
+    MODEL_FILE,
+    OOD_INPUT,
+    load_ood_gate,
+    model_inputs,
+    operating_points,
+    read_bundle,
+)
 from bonefrac.config import PreprocessConfig, ServeConfig
 from bonefrac.errors import DataError, UserError
-from bonefrac.imaging import ImageError, downsample, preprocess_bytes
+from bonefrac.imaging import ImageError, decode, downsample, preprocess
 from bonefrac.inference import (
     OOD_LIMIT,
     Decisions,
     OodGate,
     TwoStage,
+    Views,
     decide,
     route,
+    viewed,
 )
 from bonefrac.models import BODY_PART_MODEL
 from bonefrac.recommend import load_knowledge, recommend
@@ -53,6 +66,14 @@ from bonefrac.serving.responses import (  # noqa: F401 - re-exported: callers an
 API_VERSION = "2"  # the response schema; every response carries it as `api_version`
 MAX_STUDY_IMAGES = 8
 VERSION_KEYS = ("run_id", "version", "registered_name")  # what identifies a model in responses
+
+
+def _keras_forwards(models: dict[str, Any], manifest: dict) -> dict[str, Callable]:
+    inputs = model_inputs(manifest)
+    return {
+        name: _compiled(model, json.loads(inputs[name])["image_size"])
+        for name, model in models.items()
+    }
 
 
 def _compiled(model, size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -81,8 +102,14 @@ class Predictor:
         self.manifest = manifest
         self.serve = serve
         self.gate = gate
-        self.preprocess_cfg = PreprocessConfig(**manifest["preprocess"])
+        self.preprocess_cfg = PreprocessConfig(**manifest["preprocess"])  # the OOD gate's
         self.size = self.preprocess_cfg.image_size
+        self.input_keys = model_inputs(manifest)
+        # every distinct preprocessing an upload goes through (one, unless a kept champion
+        # predates a preprocessing change)
+        self.input_configs = {
+            k: PreprocessConfig(**json.loads(k)) for k in self.input_keys.values()
+        }
         self.parts: list[str] = list(manifest["parts"])
         body = manifest["models"][BODY_PART_MODEL]
         self.classes: list[str] = list(body.get("classes") or self.parts)  # softmax order
@@ -91,10 +118,11 @@ class Predictor:
             raise DataError(f"the bundle has no fracture model for {', '.join(missing)}")
         self._keras = models  # Grad-CAM always runs on these (Keras fp32)
         if loaded is None:  # the Keras models themselves
-            forward = {name: _compiled(m, self.size) for name, m in models.items()}
+            forward = _keras_forwards(models, manifest)
             loaded = Loaded(TENSORFLOW, forward, dict.fromkeys(models, TENSORFLOW))
         self.runtime = loaded
-        forward = loaded.forwards
+        single = len(self.input_configs) == 1
+        forward = {n: viewed(f, self.input_keys[n], single) for n, f in loaded.forwards.items()}
         self.core = TwoStage(
             classes=tuple(self.classes),
             body_part=forward[BODY_PART_MODEL],
@@ -142,12 +170,8 @@ class Predictor:
                 raise DataError(f"{file} not found: package the models again")
             models[name] = keras.models.load_model(file, compile=False)
         serve = serve or ServeConfig()
-        size = int(manifest["image_size"])
         loaded = runtimes.load(
-            runtime or serve.runtime,
-            path,
-            manifest,
-            lambda: {name: _compiled(m, size) for name, m in models.items()},
+            runtime or serve.runtime, path, manifest, lambda: _keras_forwards(models, manifest)
         )
         predictor = cls(manifest, models, load_ood_gate(path), serve, source or path.name, loaded)
         if warm_up:
@@ -157,11 +181,16 @@ class Predictor:
     def warm_up(self) -> None:
         """Trace each model's graph (and Grad-CAM's) on a blank image: seconds each at start-up
         instead of on the first requests."""
-        blank = np.zeros((1, self.size, self.size, 3), np.uint8)
+        blank = Views(
+            {
+                key: np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)
+                for key, cfg in self.input_configs.items()
+            }
+        )
         self.core.body_part(blank)
         for name, forward in self.core.fracture.items():
             forward(blank)
-            self._gradcam(name).heatmaps(blank.astype(np.float32))
+            self._gradcam(name).heatmaps(blank[self.input_keys[name]].astype(np.float32))
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -169,16 +198,37 @@ class Predictor:
     def max_bytes(self) -> int:
         return int(self.serve.max_upload_mb * 1_000_000)
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        """Upload bytes -> (S, S, 3) uint8 model input, exactly as training preprocessed files.
-        Raises ImageError (with `.code`) for anything unusable."""
-        return preprocess_bytes(
+    def _decode(self, data: bytes) -> np.ndarray:
+        return decode(
             data,
-            self.preprocess_cfg,
             max_pixels=self.serve.max_pixels,
             min_side=self.serve.min_side,
             max_bytes=self.max_bytes,
         )
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Upload bytes -> (S, S, 3) uint8 input as the bundle's preprocessing makes it (every
+        model's, unless a kept champion predates a preprocessing change: see `inputs`).
+        Raises ImageError (with `.code`) for anything unusable."""
+        return preprocess(self._decode(data), self.preprocess_cfg)
+
+    def inputs(self, data: bytes) -> Views:
+        """Upload bytes -> one image in every preprocessing the bundle's models and OOD gate
+        take, each exactly as training preprocessed files (decoded once). Raises ImageError."""
+        gray = self._decode(data)
+        return Views({k: preprocess(gray, cfg)[None] for k, cfg in self.input_configs.items()})
+
+    def as_views(self, images: np.ndarray | Views) -> Views:
+        """(N, S, S, 3) preprocessed images -> Views; only a bundle with one preprocessing can
+        take arrays (with several, pass upload bytes: each model needs its own input)."""
+        if isinstance(images, Views):
+            return images
+        if len(self.input_configs) > 1:
+            raise DataError(
+                "this bundle's models take differently preprocessed images: pass the upload's "
+                "bytes (predict_bytes / predict_study) so each model gets its own"
+            )
+        return Views({next(iter(self.input_configs)): np.asarray(images)})
 
     # -- public predictions -------------------------------------------------------------------
 
@@ -193,12 +243,12 @@ class Predictor:
         """One uploaded file -> the response JSON (see `predict_image`)."""
         age_group = check_age_group(age_group)
         return self.predict_image(
-            self.preprocess(data), explain=explain, allow_ood=allow_ood, age_group=age_group
+            self.inputs(data), explain=explain, allow_ood=allow_ood, age_group=age_group
         )
 
     def predict_image(
         self,
-        image: np.ndarray,
+        image: np.ndarray | Views,
         *,
         explain: bool = False,
         allow_ood: bool = False,
@@ -207,9 +257,12 @@ class Predictor:
         """One preprocessed image -> body part, calibrated fracture probability and finding,
         recommendation, quality, optional Grad-CAM heatmap. Raises OutOfDistribution when the
         image fails the OOD gate and `allow_ood` is not set. The image is judged alone, so the
-        recommendation asks for the part's standard views (the single-view safeguard)."""
+        recommendation asks for the part's standard views (the single-view safeguard).
+        `image`: (S, S, 3), or `inputs(data)` (one image in each preprocessing)."""
         age_group = check_age_group(age_group)
-        images = image[None]
+        images = image if isinstance(image, Views) else self.as_views(np.asarray(image)[None])
+        if len(images) != 1:
+            raise ValueError(f"predict_image takes one image, got {len(images)}")
         ood = self.ood_scores(images)
         self._gate(ood, allow_ood)
         decisions = decide(self.core, route(self.core, images), ood)
@@ -244,16 +297,16 @@ class Predictor:
         images = []
         for i, data in enumerate(files, start=1):
             try:
-                images.append(self.preprocess(data))
+                images.append(self.inputs(data))
             except ImageError as exc:
                 raise ImageError(f"image {i} of {len(files)}: {exc}", exc.code) from None
         return self.predict_study_images(
-            np.stack(images), explain=explain, allow_ood=allow_ood, age_group=age_group
+            Views.concat(images), explain=explain, allow_ood=allow_ood, age_group=age_group
         )
 
     def predict_study_images(
         self,
-        batch: np.ndarray,
+        batch: np.ndarray | Views,
         *,
         explain: bool = False,
         allow_ood: bool = False,
@@ -263,6 +316,7 @@ class Predictor:
         MURA mean; `views` flags views on both sides of the threshold (a finding on one view
         that the mean may dilute), and such a study asks for radiologist review."""
         age_group = check_age_group(age_group)
+        batch = self.as_views(batch)
         ood = self.ood_scores(batch)
         for i, score in enumerate(ood, start=1):
             self._gate(np.array([score]), allow_ood, where=f"image {i} of {len(batch)}")
@@ -287,13 +341,17 @@ class Predictor:
         result["images"] = images
         return self._envelope(result, "study")
 
-    def predict_batch(self, images: Sequence[np.ndarray], *, allow_ood: bool = False) -> list[dict]:
+    def predict_batch(
+        self, images: Sequence[np.ndarray | Views], *, allow_ood: bool = False
+    ) -> list[dict]:
         """Independent images in one forward pass per model (adaptive batching's worker):
         each item gets the `predict_image` response, or `{"error": {code, message}}` when it
         fails the OOD gate, so one bad image never fails the others in its batch."""
         if not len(images):
             return []
-        batch = np.stack(images)
+        batch = Views.concat(
+            [i if isinstance(i, Views) else self.as_views(np.asarray(i)[None]) for i in images]
+        )
         ood = self.ood_scores(batch)
         keep = np.flatnonzero((ood <= OOD_LIMIT) | allow_ood | (not self.serve.ood_gate))
         out: list[dict] = [error_body(OutOfDistribution(float(s))) for s in ood]
@@ -312,7 +370,7 @@ class Predictor:
         images, where = [], []
         for i, data in enumerate(files):
             try:
-                images.append(self.preprocess(data))
+                images.append(self.inputs(data))
                 where.append(i)
                 out.append(None)
             except ImageError as exc:
@@ -321,9 +379,10 @@ class Predictor:
             out[i] = result
         return [r for r in out if r is not None]
 
-    def ood_scores(self, images: np.ndarray) -> np.ndarray:
+    def ood_scores(self, images: np.ndarray | Views) -> np.ndarray:
         """(N,) PCA out-of-distribution scores of preprocessed images; > 1 = unlike training."""
-        return self.gate.scores(downsample(images, self.gate.image_size))
+        gated = self.as_views(images)[self.input_keys[OOD_INPUT]]
+        return self.gate.scores(downsample(gated, self.gate.image_size))
 
     def _gate(self, ood: np.ndarray, allow_ood: bool, where: str = "the image") -> None:
         if self.serve.ood_gate and not allow_ood and float(ood.max()) > OOD_LIMIT:
@@ -361,10 +420,12 @@ class Predictor:
             self._gradcams[part] = GradCam(self._keras[part])
         return self._gradcams[part]
 
-    def _explain(self, part: str, images: np.ndarray) -> list[dict]:
-        """Grad-CAM of the fracture model each image was judged by, as base64 PNG overlays."""
+    def _explain(self, part: str, views: Views) -> list[dict]:
+        """Grad-CAM of the fracture model each image was judged by, as base64 PNG overlays,
+        on the images as that model saw them."""
         from bonefrac.explain import overlay_png
 
+        images = views[self.input_keys[part]]
         heatmaps = self._gradcam(part).heatmaps(images)
         return [
             {
