@@ -159,7 +159,9 @@ def timing(name: str, fn, items: int, repeat: int) -> dict:
 
 
 def raw_runtimes(bundle: Path, runtimes: list[str], image: bytes, repeat: int) -> dict:
-    """The two-model forward of each runtime on one preprocessed image, batch 1 and 16."""
+    """The two-model forward of each runtime on one preprocessed image, batch 1, 4, 8 and 16
+    (4: about what adaptive batching forms with 8 closed-loop clients)."""
+    from bonefrac.inference import Views
     from bonefrac.serving.predictor import Predictor
 
     out, predictors = {}, {}
@@ -169,7 +171,7 @@ def raw_runtimes(bundle: Path, runtimes: list[str], image: bytes, repeat: int) -
             print(f"{runtime}: not available here ({predictor.runtime.note}); skipped")
             continue
         predictors[runtime] = predictor
-        x = predictor.preprocess(image)[None]  # (1, S, S, 3) uint8, as served
+        x = predictor.inputs(image)  # one image in each preprocessing, as served
         part = predictor.classes[int(np.asarray(predictor.core.body_part(x)).argmax())]
 
         def forward(batch, p=predictor, part=part):
@@ -177,8 +179,8 @@ def raw_runtimes(bundle: Path, runtimes: list[str], image: bytes, repeat: int) -
             p.core.fracture[part](batch)
 
         rows = {}
-        for batch in (1, 8, 16):
-            xb = np.repeat(x, batch, axis=0)
+        for batch in (1, 4, 8, 16):
+            xb = Views.concat([x] * batch)
             rows[batch] = timing(f"{runtime} b{batch}", lambda xb=xb: forward(xb), batch, repeat)
         out[runtime] = rows
     base = out.get("tensorflow")

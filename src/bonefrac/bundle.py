@@ -20,7 +20,10 @@ import-linter contracts in pyproject.toml check that). The BentoML model store h
 `package` saves the bundle there as model `bonefrac`; the service declares it and loads it once.
 
 Format history: 1 = OOD gate only as pca.joblib, operating points optional (serving fell back
-to threshold 0.5, temperature 1). 2 = ood_gate.npz, operating points required.
+to threshold 0.5, temperature 1). 2 = ood_gate.npz, operating points required. 3 = as 2, but
+some model was trained with other preprocessing than the bundle's (`models.<name>.preprocess`,
+a champion kept across a preprocessing change); a reader of format 2 only would feed it the
+bundle's, so such a bundle says 3 and older bonefrac refuses it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from bonefrac.inference import OodGate, OperatingPoint
 from bonefrac.models import BODY_PART_MODEL
 
 BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 2
+BUNDLE_FORMAT = 2  # every model takes the bundle's preprocessing
+MIXED_FORMAT = 3  # some model takes its own: older bonefrac must refuse it, not feed it wrongly
 BENTO_MODEL_NAME = "bonefrac"
 MODEL_FILE = "model.keras"
 OOD_GATE_FILE = "ood_gate.npz"
@@ -107,6 +111,8 @@ def write_bundle(
         "data_version": data_version,
         "synthetic": synthetic,
     }
+    if len(set(model_inputs(manifest).values())) > 1:
+        manifest["format"] = MIXED_FORMAT
     (out_dir / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     write_manifest(out_dir)  # SHA-256 of every file, checked on import (bundle_integrity)
     return out_dir
@@ -138,10 +144,22 @@ def read_bundle(path: Path) -> dict:
             "scikit-learn PCA, which serving no longer loads): package the models again with "
             "this version (`bonefrac pipeline`)"
         )
-    if found != BUNDLE_FORMAT:
+    if found not in (BUNDLE_FORMAT, MIXED_FORMAT):
         raise DataError(
-            f"{path} has bundle format {found}, but this bonefrac reads format {BUNDLE_FORMAT}: "
-            "serve it with the bonefrac version that packaged it, or package the models again"
+            f"{path} has bundle format {found}, but this bonefrac reads formats "
+            f"{BUNDLE_FORMAT} and {MIXED_FORMAT}: serve it with the bonefrac version that "
+            "packaged it, or package the models again"
+        )
+    try:
+        mixed = len(set(model_inputs(manifest).values())) > 1
+    except (KeyError, TypeError, ValueError):  # pydantic's ValidationError included
+        raise DataError(
+            f"{path} records missing or invalid preprocessing settings: package it again"
+        ) from None
+    if mixed != (found == MIXED_FORMAT):
+        raise DataError(
+            f"{path} says format {found} but its models' preprocessing "
+            f"{'differs' if mixed else 'is all the same'}: package the models again"
         )
     return manifest
 

@@ -164,6 +164,11 @@ class Views:
     @staticmethod
     def concat(items: Sequence[Views]) -> Views:
         """The images of several Views (same preprocessings) as one batch."""
+        if not items:
+            raise ValueError("no images to put in one batch")
+        keys = set(items[0].keys)
+        if any(set(v.keys) != keys for v in items):
+            raise ValueError("every image needs the same preprocessings to share a batch")
         return Views({key: np.concatenate([v[key] for v in items]) for key in items[0].keys})
 
 

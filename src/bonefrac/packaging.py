@@ -72,12 +72,12 @@ def package_champions(
                     "version with a usable operating point (`bonefrac champion pin`)"
                 )
     preprocess = {n: version_preprocess(c, settings) for n, c in champions.items()}
-    unknown = [f"{c.name} v{c.version}" for n, c in champions.items() if preprocess[n] is None]
+    unknown = [f"{c.name} v{c.version}" for n, c in champions.items() if not _usable(preprocess[n])]
     if unknown:
         raise DataError(
-            f"cannot package {', '.join(unknown)}: its preprocessing is not recorded, so it "
-            "cannot be served the way it was trained; pin a version that records it "
-            "(`bonefrac champion pin`)"
+            f"cannot package {', '.join(unknown)}: its preprocessing is not recorded (or not "
+            "valid), so it cannot be served the way it was trained; pin a version that records "
+            "it (`bonefrac champion pin`)"
         )
     with tempfile.TemporaryDirectory(prefix="bonefrac-bundle-") as tmp:
         tmp = Path(tmp)
@@ -131,8 +131,10 @@ def add_openvino(bundle: Path, settings: Settings, points: dict, client, champio
 
     manifest = read_bundle(bundle)
     cache = load_cache(settings.layout.preprocessed)
-    cached = preprocess_key(cache.meta.get("preprocess") or manifest["preprocess"])
-    other = [n for n, key in model_inputs(manifest).items() if key != cached]
+    recorded = cache.meta.get("preprocess")
+    cached = preprocess_key(recorded) if recorded else None
+    inputs = model_inputs(manifest)
+    other = [n for n in manifest["models"] if inputs[n] != cached]
     if other:
         section = add_to_bundle(
             bundle,
@@ -142,7 +144,7 @@ def add_openvino(bundle: Path, settings: Settings, points: dict, client, champio
             "cache, so nothing served-like can calibrate and gate them: serving uses "
             "TensorFlow",
         )
-        if cached == model_inputs(manifest)[OOD_INPUT]:
+        if cached == inputs[OOD_INPUT]:  # the OOD gate's images: the test split can be fed
             record_served_evaluation(bundle, settings, cache)
     else:
         classes = manifest["models"][BODY_PART_MODEL].get("classes") or manifest["parts"]
@@ -209,6 +211,15 @@ def record_served_evaluation(bundle: Path, settings: Settings, cache) -> dict:
     (bundle / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     write_manifest(bundle)
     return served
+
+
+def _usable(preprocess: dict | None) -> bool:
+    from bonefrac.bundle import preprocess_key
+
+    try:
+        return preprocess is not None and bool(preprocess_key(preprocess))
+    except (TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+        return False
 
 
 def _packaging_problem(version) -> str | None:

@@ -110,8 +110,9 @@ def run_fit_pca(settings: Settings):
 def run_drift_check(settings: Settings) -> dict:
     """Compare the data about to be trained on with the serving champion's PCA reference.
 
-    Samples training images from the manifest, preprocesses them with the champion's own
-    preprocessing, and runs `pca.drift`. First run (no champion yet): nothing to compare.
+    Samples training images from the manifest, preprocesses them with the serving bundle's
+    own preprocessing (the one its PCA was fitted on), and runs `pca.drift`. First run (no
+    champion yet): nothing to compare.
     """
     import numpy as np
 

@@ -175,6 +175,7 @@ def test_a_kept_champion_with_older_preprocessing_is_evaluated_and_served_its_ow
     assert manifest["preprocess"]["gaussian_kernel"] > 0
     older = {**manifest["preprocess"], "gaussian_kernel": 0}  # before the filter was on
     manifest["models"]["hand"]["preprocess"] = older
+    manifest["format"] = 3  # a mixed bundle: older bonefrac must refuse it
     for key in ("openvino", "served_evaluation"):
         manifest.pop(key, None)
     (bundle / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

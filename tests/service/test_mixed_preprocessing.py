@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.special import expit, logit
 
-from bonefrac.bundle import BUNDLE_FILE, load_ood_gate, read_bundle
+from bonefrac.bundle import BUNDLE_FILE, MIXED_FORMAT, load_ood_gate, read_bundle
 from bonefrac.config import PreprocessConfig, ServeConfig
 from bonefrac.errors import DataError
 from bonefrac.imaging import decode, downsample, preprocess
@@ -48,6 +48,12 @@ def mixed_bundle(bundle_dir, tmp_path_factory):
     model.save(out / "hand" / "model.keras")
     (out / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     write_manifest(out)  # as packaging writes it: the integrity manifest covers the change
+    # a format-2 reader would feed hand the bundle's preprocessing: a mix must say format 3
+    with pytest.raises(DataError, match="says format 2 but its models' preprocessing differs"):
+        read_bundle(out)
+    manifest["format"] = MIXED_FORMAT
+    (out / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out)
     return out, PreprocessConfig(**old), PreprocessConfig(**manifest["preprocess"])
 
 

@@ -269,6 +269,14 @@ def test_bundle_of_the_previous_format_is_refused_with_a_clear_message(bundle_di
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "package the models again" in result.output
 
+    (old / "bundle.json").write_text(json.dumps({**manifest, "format": 4}))
+    with pytest.raises(DataError, match="reads formats 2 and 3"):
+        Predictor.from_bundle(old, warm_up=False)
+    # format 3 = some model takes its own preprocessing; this one's models all take the bundle's
     (old / "bundle.json").write_text(json.dumps({**manifest, "format": 3}))
-    with pytest.raises(DataError, match="reads format 2"):
+    with pytest.raises(DataError, match="says format 3 but its models' preprocessing is all"):
+        Predictor.from_bundle(old, warm_up=False)
+    broken = {**manifest, "preprocess": {**manifest["preprocess"], "image_size": "big"}}
+    (old / "bundle.json").write_text(json.dumps(broken))
+    with pytest.raises(DataError, match="missing or invalid preprocessing settings"):
         Predictor.from_bundle(old, warm_up=False)

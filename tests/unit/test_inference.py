@@ -185,3 +185,38 @@ def test_end_to_end_evaluation_scores_each_study_as_the_core_answers_it():
     assert metrics["study_decided"]["coverage"] == pytest.approx(decided.mean())
     assert metrics["routing_accuracy"] == pytest.approx(0.5)  # images 0 and 2 routed right
     assert metrics["study_routing_accuracy"] == pytest.approx(2 / 3)  # s0, s1 right; s2 not
+
+
+def test_views_keep_every_preprocessing_of_the_same_images_together():
+    """Routing indexes rows; every preprocessing of an image must follow it, and a forward
+    must never get a plain array where the bundle holds several preprocessings."""
+    a = np.arange(5)[:, None] * np.ones((5, 2))  # "64 px" view: row i holds i
+    b = np.arange(5)[:, None] * np.ones((5, 3)) + 100  # "48 px" view: row i holds 100 + i
+    views = inf.Views({"a": a, "b": b})
+    picked = views[np.array([False, True, False, True, True])]
+    assert len(picked) == 3
+    np.testing.assert_array_equal(picked["a"][:, 0], [1, 3, 4])
+    np.testing.assert_array_equal(picked["b"][:, 0], [101, 103, 104])
+    assert len(views[np.array([], dtype=int)]) == 0
+    joined = inf.Views.concat([views[np.array([4])], views[np.array([0, 2])]])
+    np.testing.assert_array_equal(joined["b"][:, 0], [104, 100, 102])
+
+    model = inf.TwoStage(
+        classes=("elbow", "hand"),
+        body_part=inf.viewed(lambda x: np.tile([0.2, 0.8], (len(x), 1)), "a", False),
+        fracture={
+            "elbow": inf.viewed(lambda x: np.full(len(x), 0.5), "a", False),
+            "hand": inf.viewed(lambda x: x[:, 0] / 1000, "b", False),  # sees only "b"
+        },
+        points={p: inf.OperatingPoint(0.5, 1.0, 0.0) for p in ("elbow", "hand")},
+    )
+    routed = inf.route(model, views)
+    np.testing.assert_allclose(routed.raw, (100 + np.arange(5)) / 1000)
+    with pytest.raises(TypeError, match="pass Views"):
+        inf.route(model, a)
+    with pytest.raises(ValueError, match="same images"):
+        inf.Views({"a": a, "b": b[:4]})
+    with pytest.raises(ValueError, match="same preprocessings"):
+        inf.Views.concat([views, inf.Views({"a": a})])
+    with pytest.raises(ValueError, match="no images"):
+        inf.Views.concat([])
