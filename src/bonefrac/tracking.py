@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -126,7 +127,35 @@ def log_data_input(settings: Settings, context: str, cache_key: str | None = Non
     tags = {"dvc.file": "data.dvc", "dvc.md5": version}
     if cache_key:
         tags["bonefrac.cache_key"] = cache_key
-    mlflow.log_input(MetaDataset(source, name=name, digest=version), context=context, tags=tags)
+    dataset = MetaDataset(source, name=name, digest=version)
+    retry_lost_insert_race(lambda: mlflow.log_input(dataset, context=context, tags=tags))
+
+
+def lost_insert_race(exc: Exception) -> bool:
+    """An MLflow store refused a row another writer inserted first. MLflow's SQL store logs a
+    run's dataset by looking it up and inserting it if absent, in two steps: two trainings
+    logging the same new dataset at once (Dask workers, one experiment) can both miss it, and
+    the second insert breaks the (experiment, name, digest) unique key. Retrying finds the row."""
+    message = str(exc)
+    return "datasets" in message and any(
+        marker in message
+        for marker in ("UNIQUE constraint failed", "duplicate key", "Duplicate entry")
+    )
+
+
+def retry_lost_insert_race(call, attempts: int = 4, pause_s: float = 0.2):
+    """`call()`, again after a lost insert race (`lost_insert_race`); any other error, or the
+    same one `attempts` times, is raised as it is."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts):
+        try:
+            return call()
+        except MlflowException as exc:
+            if not lost_insert_race(exc):
+                raise
+            time.sleep(pause_s * attempt)
+    return call()
 
 
 def git_commit(folder: Path) -> str:
