@@ -5,15 +5,19 @@ and gates every variant against the Keras fp32 outputs; bundle.json records the 
 `openvino`. Serving picks a runtime here:
 
     serve.runtime = auto            the fastest variant that passed the gate at packaging and
-                                    that this CPU supports (int8 > bf16 > fp32 > tensorflow)
+                                    that this CPU supports (int8 > bf16 > fp32 > tensorflow;
+                                    bf16 only on CPUs with AMX, see below)
                   | openvino-int8   int8 IR for every model that passed its int8 gate, fp32 IR
                                     for a model that failed it (the gate's verdict stands)
                   | openvino-bf16   fp32 IR run in bf16 (only where the CPU has bf16)
                   | openvino-fp32   fp32 IR, precision forced to f32
                   | tensorflow      the Keras fp32 models through `tf.function`
 
-OpenVINO's default precision on CPUs with AMX is bf16, so every compile states its precision:
-an "fp32" that is silently bf16 would serve numbers nobody gated. If OpenVINO cannot compile
+OpenVINO's default precision on CPUs with bf16 is bf16 (with AMX, and measured on an AVX512-
+bf16 Xeon without it), so every compile states its precision: an "fp32" that is silently bf16
+would serve numbers nobody gated. bf16 pays off only on AMX tiles: on that Xeon without AMX it
+ran at 0.57x fp32's speed (docs/benchmarks.md), so `auto` offers it only where the CPU has AMX;
+`openvino-bf16` by name still runs on any CPU with bf16. If OpenVINO cannot compile
 on this host, serving falls back to TensorFlow with one warning line. Grad-CAM always uses the
 Keras fp32 model.
 """
@@ -35,6 +39,7 @@ RUNTIMES = (INT8, BF16, FP32, TENSORFLOW)  # fastest first: what `auto` tries in
 IR_FILES = {"fp32": "openvino_fp32.xml", "int8": "openvino_int8.xml"}  # + .bin, per model
 PRECISION_HINT = {INT8: "f32", BF16: "bf16", FP32: "f32"}  # int8 IR: the rest stays f32
 DEVICE = "CPU"
+AMX = "AMX"  # added to OpenVINO's capabilities when the CPU has AMX tiles (OpenVINO omits it)
 
 logger = logging.getLogger("bonefrac.serving")
 
@@ -49,14 +54,29 @@ class Loaded:
     note: str | None = None  # why the requested runtime is not the one running, if it is not
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
 def host_capabilities() -> set[str]:
-    """OpenVINO's view of this CPU ("FP32", "INT8", "BF16", ...); empty without OpenVINO."""
+    """OpenVINO's view of this CPU ("FP32", "INT8", "BF16", ...), plus AMX when the CPU has
+    AMX tiles; empty without OpenVINO."""
     try:
         import openvino as ov
 
-        return set(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+        capabilities = set(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
     except Exception:  # no OpenVINO, or no usable CPU plugin: the TensorFlow path remains
         return set()
+    if "amx_bf16" in cpu_flags():
+        capabilities.add(AMX)
+    return capabilities
 
 
 def variant_of(runtime: str, name: str, manifest: dict) -> str | None:
@@ -74,10 +94,11 @@ def variant_of(runtime: str, name: str, manifest: dict) -> str | None:
 
 
 def available(manifest: dict, names: list[str], capabilities: set[str]) -> list[str]:
-    """The runtimes this bundle offers on this host, fastest first."""
+    """The runtimes this bundle offers on this host, fastest first (bf16 only with AMX:
+    without it bf16 is slower than fp32)."""
     out = []
     for runtime in (INT8, BF16, FP32):
-        if runtime == BF16 and "BF16" not in capabilities:
+        if runtime == BF16 and not {"BF16", AMX} <= capabilities:
             continue
         if "FP32" not in capabilities:
             continue

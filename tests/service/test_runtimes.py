@@ -199,19 +199,28 @@ def test_gate_bites_a_damaged_quantization_and_the_model_keeps_fp32(damaged, gat
         assert predictor.runtime_info["name"] == FP32  # auto: int8 is not offered at all
 
 
-@pytest.mark.parametrize("runtime", ["tensorflow", "openvino-fp32", "openvino-int8"])
+@pytest.mark.parametrize(
+    "runtime", ["tensorflow", "openvino-fp32", "openvino-bf16", "openvino-int8"]
+)
 def test_runtime_switch_scores_with_the_runtime_it_names(optimized, gate_data, runtime):
+    from bonefrac.runtimes import host_capabilities
+
     images = gate_data["elbow"].validation[:6]
     _, reference = _predict(optimized, "tensorflow", images)
     predictor, results = _predict(optimized, runtime, images)
-    assert predictor.runtime_info["name"] == runtime
     models = _manifest(optimized)["openvino"]["models"]
+    bf16_here = "BF16" in host_capabilities() and all(m["bf16"]["passed"] for m in models.values())
+    if runtime == "openvino-bf16" and not bf16_here:  # no bf16 CPU, or a model failed its gate
+        assert predictor.runtime_info["name"] == results[0]["runtime"]["name"] == "tensorflow"
+        assert "openvino-bf16 unavailable" in predictor.runtime.note
+        return
+    assert predictor.runtime_info["name"] == runtime
     for name, used in predictor.runtime_info["models"].items():
         if runtime == "openvino-int8" and not models[name]["int8"]["passed"]:
             assert used == "openvino-fp32"  # its int8 failed the gate: fp32 IR scores it
         else:
             assert used == runtime
-    tolerance = {"tensorflow": 0.0, "openvino-fp32": 1e-4, "openvino-int8": 0.1}[runtime]
+    tolerance = {"tensorflow": 0.0, "openvino-fp32": 1e-4, "openvino-bf16": 0.01}.get(runtime, 0.1)
     for got, want in zip(results, reference, strict=True):
         assert got["runtime"]["name"] == runtime  # every response says what scored it
         assert got["fracture"]["model"] == want["fracture"]["model"]

@@ -13,7 +13,16 @@ from bonefrac.config import PackageConfig
 from bonefrac.evaluate.metrics import choose_threshold
 from bonefrac.inference import apply_temperature, logits
 from bonefrac.optimize import GateData, accuracy_gate
-from bonefrac.runtimes import BF16, FP32, INT8, TENSORFLOW, available, variant_of
+from bonefrac.runtimes import (
+    AUTO,
+    BF16,
+    FP32,
+    INT8,
+    TENSORFLOW,
+    available,
+    choose,
+    variant_of,
+)
 
 CFG = PackageConfig()
 RNG = np.random.default_rng(7)
@@ -105,8 +114,15 @@ def test_runtime_choice_follows_the_verdicts():
     none_int8 = {"openvino": {"models": {n: entry(False) for n in names}}}
     assert available(none_int8, names, {"FP32", "INT8"}) == [FP32, TENSORFLOW]
     bf16 = {"openvino": {"models": {n: entry(True, True) for n in names}}}
-    assert available(bf16, names, {"FP32", "INT8", "BF16"}) == [INT8, BF16, FP32, TENSORFLOW]
+    amx = {"FP32", "INT8", "BF16", "AMX"}
+    assert available(bf16, names, amx) == [INT8, BF16, FP32, TENSORFLOW]
+    # bf16 without AMX ran at 0.57x fp32 (AVX512-bf16 Xeon): not offered, fp32 is faster
+    assert available(bf16, names, {"FP32", "INT8", "BF16"}) == [INT8, FP32, TENSORFLOW]
     assert available(bf16, names, {"FP32", "INT8"}) == [INT8, FP32, TENSORFLOW]  # no bf16 CPU
+    bf16_only = {"openvino": {"models": {n: entry(False, True) for n in names}}}
+    assert choose(AUTO, bf16_only, names, amx) == BF16  # int8 failed everywhere: bf16 next
+    assert choose(AUTO, bf16_only, names, {"FP32", "INT8", "BF16"}) == FP32
+    assert choose(BF16, bf16_only, names, {"FP32", "INT8", "BF16"}) == BF16  # asked by name
     assert available({}, names, {"FP32"}) == [TENSORFLOW]  # a bundle from before OpenVINO
     assert available(bf16, names, set()) == [TENSORFLOW]  # OpenVINO unusable here
 
