@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -81,3 +82,21 @@ def dump(results: list[dict], path: str | None = None) -> None:
         with open(path, "w") as fh:
             fh.write(text)
     print(text)
+
+
+def cpu_info() -> dict:
+    """lscpu's model name and flags: the machine these numbers belong to."""
+    fields = {}
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = fields.get("Flags", "").split()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "avx512_bf16")
+    info = {
+        "model_name": fields.get("Model name", "?"),
+        "cpus": fields.get("CPU(s)", "?"),
+        "inference_flags": [f for f in wanted if f in flags],
+    }
+    print(f"CPU: {info['model_name']}, {info['cpus']} CPUs")
+    print(f"lscpu flags: {' '.join(flags)}")
+    return info

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_bundle import untrained_bundle  # noqa: E402
-from harness import dump, time_it  # noqa: E402
+from harness import cpu_info, dump, time_it  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,8 +81,30 @@ def worker_rss_mb(server_pid: int) -> float:
     return max(p.memory_info().rss for p in procs) / 1e6
 
 
-def load(url: str, route: str, field: str, image: bytes, clients: int, seconds: float) -> dict:
-    """`clients` threads POST one image each, back to back, for `seconds`."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process tree so far (the server and its workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def load(
+    url: str,
+    route: str,
+    field: str,
+    image: bytes,
+    clients: int,
+    seconds: float,
+    server_pid: int | None = None,
+) -> dict:
+    """`clients` threads POST one image each, back to back, for `seconds`. With `server_pid`,
+    also how many cores the server and these clients kept busy (CPU seconds / wall seconds):
+    a server below the machine's core count while its clients wait is idling, not working."""
     done, errors, latencies = [0], [0], []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -104,6 +126,8 @@ def load(url: str, route: str, field: str, image: bytes, clients: int, seconds: 
                     done[0] += ok
                     errors[0] += not ok
 
+    server_cpu = cpu_seconds(server_pid) if server_pid else None
+    client_cpu = time.process_time()
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
@@ -111,7 +135,13 @@ def load(url: str, route: str, field: str, image: bytes, clients: int, seconds: 
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    client_cpu = time.process_time() - client_cpu
+    if server_pid:
+        server_cpu = cpu_seconds(server_pid) - server_cpu
     return {
+        "server_cores_busy": server_cpu / elapsed if server_pid else None,
+        "server_cpu_ms_per_image": 1e3 * server_cpu / max(done[0], 1) if server_pid else None,
+        "client_cores_busy": client_cpu / elapsed,
         "route": route,
         "clients": clients,
         "seconds": elapsed,
@@ -135,27 +165,18 @@ def mean_batch_size(url: str) -> float | None:
     return total / count if count else None
 
 
-def cpu_info() -> dict:
-    """lscpu's model name and flags: the machine these numbers belong to."""
-    fields = {}
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    flags = fields.get("Flags", "").split()
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "avx512_bf16")
-    info = {
-        "model_name": fields.get("Model name", "?"),
-        "cpus": fields.get("CPU(s)", "?"),
-        "inference_flags": [f for f in wanted if f in flags],
-    }
-    print(f"CPU: {info['model_name']}, {info['cpus']} CPUs")
-    print(f"lscpu flags: {' '.join(flags)}")
-    return info
-
-
 def timing(name: str, fn, items: int, repeat: int) -> dict:
+    """Latency and throughput of `fn`, and the cores this process kept busy meanwhile."""
+    cpu, wall = time.process_time(), time.perf_counter()
     t = time_it(name, fn, repeat=repeat, warmup=3, items=items)
-    return {"median_ms": t.median_s * 1e3, "p95_ms": t.p95_s * 1e3, "images_per_s": t.per_second}
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {
+        "median_ms": t.median_s * 1e3,
+        "p95_ms": t.p95_s * 1e3,
+        "images_per_s": t.per_second,
+        "cores_busy": cpu / wall,
+        "cpu_ms_per_image": 1e3 * cpu / (items * (repeat + 3)),
+    }
 
 
 def raw_runtimes(bundle: Path, runtimes: list[str], image: bytes, repeat: int) -> dict:
@@ -248,7 +269,9 @@ def service_runtime(runtime: str, args, env, bundle, image: bytes, scratch: Path
                 assert response.status_code == 200, response.text
 
             single = timing(f"POST /predict {runtime}", request, 1, args.requests)
-        batched = load(url, "/predict_batch", "images", image, args.clients, args.duration)
+        batched = load(
+            url, "/predict_batch", "images", image, args.clients, args.duration, process.pid
+        )
         batched["mean_batch_size"] = mean_batch_size(url)
         formed = max(1, round(batched["mean_batch_size"] or 1))
         near = min(raw, key=lambda b: abs(b - formed))
@@ -263,6 +286,12 @@ def service_runtime(runtime: str, args, env, bundle, image: bytes, scratch: Path
             f"clients: {batched['images_per_s']:.1f} img/s, {batched['errors']} errors, mean "
             f"batch {batched['mean_batch_size']}, {batched['ratio_to_raw_at_formed_batch']:.2f}x "
             f"raw b{near}, {batched['ratio_to_raw_batch_8']:.2f}x raw b8"
+        )
+        print(
+            f"  cores busy: server {batched['server_cores_busy']:.2f}, clients "
+            f"{batched['client_cores_busy']:.2f}; CPU per image: server "
+            f"{batched['server_cpu_ms_per_image']:.1f} ms, raw b{near} "
+            f"{raw[near]['cpu_ms_per_image']:.1f} ms ({raw[near]['cores_busy']:.2f} cores busy)"
         )
         return {
             "served_runtime": served["runtime"],
