@@ -28,17 +28,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import cpu_info, dump  # noqa: E402
+from harness import cpu_info, dump, time_it  # noqa: E402
 
 
 def latency_ms(forward, image: np.ndarray, repeat: int) -> float:
-    forward(image)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        forward(image)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    """Median batch-1 latency (harness.time_it: one warm-up call, then `repeat` timed)."""
+    return 1000 * time_it("forward", lambda: forward(image), repeat=repeat).median_s
 
 
 def held_out_train(cache, name: str, cfg, n: int) -> np.ndarray:
