@@ -7,7 +7,7 @@
 (2) the service's own overhead: `Predictor.predict_bytes` (decode, preprocess, OOD gate,
     calibration, recommendation) + JSON with forward passes that cost nothing;
 (3) the service end to end per runtime (`serve.runtime`): single-request POST /predict
-    latency, then N concurrent clients through /predict_batch (adaptive batching) vs the
+    latency, then N concurrent clients through /predict_batch (continuous batching) vs the
     same runtime's raw throughput at the batch size the service formed and at batch N.
 
 Usage (the service and this script each hold the models; only one runs at a time):
@@ -154,14 +154,15 @@ def load(
 
 
 def mean_batch_size(url: str) -> float | None:
-    """Mean adaptive batch size of /predict_batch so far, from BentoML's Prometheus metrics."""
+    """Mean batch size of /predict_batch's forward passes so far, from the service's
+    `bonefrac_batch_size` histogram on /metrics."""
     total = count = 0.0
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_") and "predict_batch" in line:
-            if line.split("{")[0].endswith("_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.split("{")[0].endswith("_count"):
-                count += float(line.rsplit(" ", 1)[1])
+        name = line.split("{")[0].split(" ")[0]
+        if name == "bonefrac_batch_size_sum":
+            total += float(line.rsplit(" ", 1)[1])
+        elif name == "bonefrac_batch_size_count":
+            count += float(line.rsplit(" ", 1)[1])
     return total / count if count else None
 
 
@@ -181,7 +182,7 @@ def timing(name: str, fn, items: int, repeat: int) -> dict:
 
 def raw_runtimes(bundle: Path, runtimes: list[str], image: bytes, repeat: int) -> dict:
     """The two-model forward of each runtime on one preprocessed image, batch 1, 4, 8 and 16
-    (4: about what adaptive batching forms with 8 closed-loop clients)."""
+    (4: about what the service forms with 8 closed-loop clients)."""
     from bonefrac.inference import Views
     from bonefrac.serving.predictor import Predictor
 

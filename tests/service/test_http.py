@@ -70,21 +70,41 @@ def test_predict_study_over_plain_http(server, study_pngs):
     assert study["disclaimer"] == DISCLAIMER and study["recommendation"]["urgency"]["level"]
 
 
+def batched_images(server) -> float:
+    """Images through /predict_batch's forward passes so far (the batch-size histogram's sum)."""
+    for line in httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text.splitlines():
+        if line.startswith("bonefrac_batch_size_sum"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_batch_endpoint_answers_each_item_and_batches_concurrent_requests(server, study_pngs):
+    before = batched_images(server)
     files = [("a.png", study_pngs[0].read_bytes()), ("b.txt", b"not an image")]
     items = upload(server, "/predict_batch", files).json()
     assert items[0]["body_part"]["label"] in PARTS
-    assert items[1]["error"]["code"] == "not_an_image"
+    assert items[1]["error"]["code"] == "not_an_image"  # in place, never sent to the models
 
+    # Each concurrent request gets its own image's answer: the one /predict gives that image.
+    alone = {
+        p.name: upload(server, "/predict", [(p.name, p.read_bytes())]).json()["fracture"]
+        for p in study_pngs
+    }
+    assert len({round(f["probability"], 6) for f in alone.values()}) == len(study_pngs)
     with ThreadPoolExecutor(6) as pool:
         responses = list(
             pool.map(
-                lambda p: upload(server, "/predict_batch", [(p.name, p.read_bytes())]),
-                [*study_pngs, *study_pngs],
+                lambda p: (p.name, upload(server, "/predict_batch", [(p.name, p.read_bytes())])),
+                [*study_pngs, *study_pngs, *study_pngs],
             )
         )
-    assert all(r.status_code == 200 and "error" not in r.json()[0] for r in responses)
-    assert "bentoml_service_adaptive_batch_size" in httpx.get(f"{server.url}/metrics").text
+    for name, response in responses:
+        assert response.status_code == 200, response.text
+        [item] = response.json()
+        assert item["fracture"]["probability"] == pytest.approx(
+            alone[name]["probability"], abs=1e-4
+        )
+    assert batched_images(server) - before == 1 + len(responses)  # each image ran once
 
 
 def test_dicom_upload_never_returns_or_logs_patient_data(server, good_png):

@@ -344,7 +344,7 @@ class Predictor:
     def predict_batch(
         self, images: Sequence[np.ndarray | Views], *, allow_ood: bool = False
     ) -> list[dict]:
-        """Independent images in one forward pass per model (adaptive batching's worker):
+        """Independent images in one forward pass per model (/predict_batch's batches):
         each item gets the `predict_image` response, or `{"error": {code, message}}` when it
         fails the OOD gate, so one bad image never fails the others in its batch."""
         if not len(images):
@@ -366,18 +366,19 @@ class Predictor:
 
     def predict_batch_bytes(self, files: Sequence[bytes], *, allow_ood: bool = False) -> list[dict]:
         """`predict_batch` on uploads; an undecodable item gets its `{"error": ...}` in place."""
-        out: list[dict | None] = []
-        images, where = [], []
-        for i, data in enumerate(files):
+        decoded = self.decode_batch(files)
+        views = [item for item in decoded if isinstance(item, Views)]
+        return merge_batch(decoded, self.predict_batch(views, allow_ood=allow_ood))
+
+    def decode_batch(self, files: Sequence[bytes]) -> list[Views | dict]:
+        """Each upload -> its `inputs`, or its `{"error": ...}` body if it cannot be used."""
+        out: list[Views | dict] = []
+        for data in files:
             try:
-                images.append(self.inputs(data))
-                where.append(i)
-                out.append(None)
+                out.append(self.inputs(data))
             except ImageError as exc:
                 out.append(error_body(exc))
-        for i, result in zip(where, self.predict_batch(images, allow_ood=allow_ood), strict=True):
-            out[i] = result
-        return [r for r in out if r is not None]
+        return out
 
     def ood_scores(self, images: np.ndarray | Views) -> np.ndarray:
         """(N,) PCA out-of-distribution scores of preprocessed images; > 1 = unlike training."""
@@ -463,3 +464,12 @@ class Predictor:
             "notices": notices(result, self.synthetic),
             "disclaimer": DISCLAIMER,
         }
+
+
+def merge_batch(decoded: Sequence[Views | dict], results: Sequence[dict]) -> list[dict]:
+    """`decode_batch`'s items with each decoded one replaced by its result, in order."""
+    expected = sum(isinstance(item, Views) for item in decoded)
+    if len(results) != expected:
+        raise ValueError(f"{len(results)} results for {expected} decoded images")
+    answers = iter(results)
+    return [next(answers) if isinstance(item, Views) else item for item in decoded]

@@ -18,6 +18,7 @@ id. Nothing about an upload but an error code is logged; DICOM patient tags are 
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import os
@@ -36,14 +37,16 @@ from bonefrac import DISCLAIMER
 from bonefrac.config import ServeConfig
 from bonefrac.errors import UserError
 from bonefrac.imaging import ImageError
+from bonefrac.inference import Views
 from bonefrac.recommend.engine import KnowledgeError, load_knowledge, require_reviewed
 from bonefrac.serving import uploads
+from bonefrac.serving.batching import Batcher
 from bonefrac.serving.uploads import ERROR_HEADER
 
 MODEL_TAG = "bonefrac:latest"
 PARAMS_ENV = "BONEFRAC_PARAMS"  # params.yaml for the serve settings; `bonefrac serve` sets it
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields
-MAX_BATCH = 16  # adaptive batching's largest batch (and files in one /predict_batch request)
+MAX_BATCH = 16  # the largest batch (and files in one /predict_batch request)
 STATIC_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}  # never the template
 KNOWN_PATHS = frozenset(
     {"/", "/predict", "/predict_study", "/predict_batch", "/docs", "/docs.json", "/schema.json"}
@@ -52,6 +55,11 @@ KNOWN_PATHS = frozenset(
 )  # /metrics labels: any other path is counted as "/other"
 
 logger = logging.getLogger("bonefrac.serving")
+BATCH_SIZES = bentoml.metrics.Histogram(
+    name="bonefrac_batch_size",
+    documentation="Images per /predict_batch forward pass (continuous batching)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+)
 
 # HTTP status per error code: 413 = send something smaller, 415 = send another format,
 # 422 = well-formed but not something the models can judge, 400 = broken request or file.
@@ -195,6 +203,7 @@ class BonefracService:
         self.predictor = Predictor.from_bundle(
             Path(stored.path), self.settings, source=str(stored.tag)
         )
+        self.batcher = Batcher(self.predictor.predict_batch, MAX_BATCH, BATCH_SIZES.observe)
 
     def __is_ready__(self) -> bool:
         """BentoML's /readyz: not ready while the guidance is refused."""
@@ -243,23 +252,29 @@ class BonefracService:
 
         return self._answer("predict_study", work)
 
-    @bentoml.api(
-        route="/predict_batch", batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=30_000
-    )
-    def predict_batch(self, images: list[Path]) -> list[dict]:
-        """Independent X-rays, batched across concurrent requests (adaptive batching). Each
-        item gets the /predict result or its own `{"error": ...}`; no explain, no override.
-        FrontDoor has bounded the body and the file count; `decode` refuses a file over the size
-        limit and turns any decoding failure into that file's own 4xx error."""
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(self, images: list[Path]) -> list[dict]:
+        """Independent X-rays, batched across concurrent requests (continuous batching:
+        `batching.Batcher`). Each item gets the /predict result or its own `{"error": ...}`; no
+        explain, no override. FrontDoor has bounded the body and the file count; `decode`
+        refuses a file over the size limit and turns any decoding failure into that file's own
+        4xx error. Files are decoded here, in a thread, while the models run other batches."""
         if self.refusal is not None:
             refused = {"error": {"code": "unreviewed_content", "message": self.refusal}}
             return [refused for _ in images]
+        from bonefrac.serving.predictor import merge_batch
+
         try:
-            return self.predictor.predict_batch_bytes([path.read_bytes() for path in images])
+            decoded = await asyncio.to_thread(self._decode_batch, images)
+            views = [item for item in decoded if isinstance(item, Views)]
+            return merge_batch(decoded, await self.batcher.submit(views))
         except Exception:
             logger.exception("predict_batch: internal error")
             failed = {"error": {"code": "internal", "message": "the server failed on this batch"}}
             return [failed for _ in images]
+
+    def _decode_batch(self, images: list[Path]) -> list:
+        return self.predictor.decode_batch([path.read_bytes() for path in images])
 
 
 def _routes() -> dict[str, uploads.Route]:
