@@ -49,3 +49,30 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path, log: Path, timeout_s: float = 180, **popen):
+    """A real `mlflow server` (one worker) on a sqlite store in `store`, serving artifacts from
+    `store`/`artifacts_dir`; yields its URI and stops it on exit. `popen` goes to Popen (cwd,
+    env)."""
+    import sys
+
+    artifacts = popen.pop("artifacts_dir", "artifacts")
+    port = free_port()
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+            + ["--artifacts-destination", str(store / artifacts), "--workers", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(server, f"{uri}/health", log, "MLflow server", timeout_s)
+        yield uri
+    finally:
+        stop_group(server)

@@ -28,7 +28,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from bonefrac.config import PackageConfig
 from bonefrac.inference import apply_temperature
-from bonefrac.runtimes import DEVICE, IR_FILES, host_capabilities
+from bonefrac.runtimes import DEVICE, IR_FILES, cpuinfo, host_capabilities
 
 CHUNK = 32  # images per forward call when scoring the val split (bounded memory at 320 px)
 
@@ -182,13 +182,7 @@ def accuracy_gate(
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def optimize_model(

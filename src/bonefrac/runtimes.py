@@ -24,6 +24,7 @@ Keras fp32 model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -54,29 +55,37 @@ class Loaded:
     note: str | None = None  # why the requested runtime is not the one running, if it is not
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def cpuinfo(field: str) -> str | None:
+    """The first CPU's `field` ("flags", "model name") in /proc/cpuinfo; None where there is
+    no such file or field."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
+            key, _, value = line.partition(":")
+            if key.strip() == field:
+                return value.strip()
     except OSError:
         pass
-    return set()
+    return None
 
 
-def host_capabilities() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set((cpuinfo("flags") or "").split())
+
+
+@functools.cache
+def host_capabilities() -> frozenset[str]:
     """OpenVINO's view of this CPU ("FP32", "INT8", "BF16", ...), plus AMX when the CPU has
-    AMX tiles; empty without OpenVINO."""
+    AMX tiles; empty without OpenVINO. Asked once per process (it builds an `ov.Core`)."""
     try:
         import openvino as ov
 
         capabilities = set(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
     except Exception:  # no OpenVINO, or no usable CPU plugin: the TensorFlow path remains
-        return set()
+        return frozenset()
     if "amx_bf16" in cpu_flags():
         capabilities.add(AMX)
-    return capabilities
+    return frozenset(capabilities)
 
 
 def variant_of(runtime: str, name: str, manifest: dict) -> str | None:
@@ -147,7 +156,8 @@ def load(
     """The forward functions of `requested` (or `auto`'s choice) for every model of the bundle;
     TensorFlow, with one warning line, when OpenVINO cannot serve them here."""
     names = list(manifest["models"])
-    runtime = choose(requested, manifest, names, host_capabilities())
+    capabilities = host_capabilities()
+    runtime = choose(requested, manifest, names, capabilities)
     if runtime == TENSORFLOW:
         forwards = tensorflow_forwards()
         return Loaded(TENSORFLOW, forwards, dict.fromkeys(names, TENSORFLOW))
@@ -157,7 +167,7 @@ def load(
             variant = variant_of(runtime, name, manifest)
             if variant is None:
                 raise RuntimeError(f"the bundle has no {runtime} model for {name}")
-            if runtime == BF16 and "BF16" not in host_capabilities():
+            if runtime == BF16 and "BF16" not in capabilities:
                 raise RuntimeError("this CPU has no bf16 support")
             forwards[name] = openvino_forward(
                 bundle / name / IR_FILES[variant], PRECISION_HINT[runtime]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import free_port, stop_group, wait_until_ready
+from tests.processes import free_port, mlflow_server, stop_group
 
 from .conftest import copy_project, set_params, tool_env
 
@@ -50,23 +50,15 @@ def _start(command: list[str], project: Path, log: Path, **env: str) -> subproce
 def project(pipeline_run, tmp_path):
     """The trained project, copied, tracking to an `mlflow server` on its own store."""
     project = copy_project(pipeline_run[0], tmp_path / "project")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"]
-        + ["--artifacts-destination", str(project / "server-artifacts"), "--workers", "1"],
+    log = tmp_path / "mlflow-server.log"
+    with mlflow_server(
         project,
-        tmp_path / "mlflow-server.log",
-    )
-    try:
-        wait_until_ready(
-            server,
-            f"{uri}/health",
-            tmp_path / "mlflow-server.log",
-            "MLflow server",
-            STARTUP_TIMEOUT_S,
-        )
+        log,
+        STARTUP_TIMEOUT_S,
+        artifacts_dir="server-artifacts",
+        cwd=project,
+        env=tool_env(project),
+    ) as uri:
         set_params(
             project,
             profiles__quick__train__finetune_epochs=0,
@@ -77,8 +69,6 @@ def project(pipeline_run, tmp_path):
             tracking__experiment=EXPERIMENT,
         )
         yield project, uri
-    finally:
-        stop_group(server)
 
 
 @pytest.fixture()

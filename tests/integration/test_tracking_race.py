@@ -6,8 +6,6 @@ training and with it the pipeline. `tracking.retry_lost_insert_race` retries exa
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -16,7 +14,7 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 
 from bonefrac.tracking import lost_insert_race, retry_lost_insert_race
-from tests.processes import free_port, stop_group, wait_until_ready
+from tests import processes
 
 pytestmark = pytest.mark.slow  # starts a server
 
@@ -35,22 +33,8 @@ LOST_RACE = (
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("race")
-    port, log = free_port(), folder / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
-            + ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(server, f"{uri}/health", log, "MLflow server", 180)
+    with processes.mlflow_server(folder, folder / "server.log") as uri:
         yield uri
-    finally:
-        stop_group(server)
 
 
 def dataset(digest: str) -> DatasetEntity:
