@@ -39,10 +39,10 @@ def latency_ms(forward, image: np.ndarray, repeat: int) -> float:
 def held_out_train(cache, name: str, cfg, n: int) -> np.ndarray:
     """Train images of this model that packaging's calibration sample does not hold."""
     from bonefrac.models import BODY_PART_MODEL
+    from bonefrac.optimize import calibration_rows
 
-    rng = np.random.default_rng(cfg.seed)
     rows = cache.rows(split="train", body_part=None if name == BODY_PART_MODEL else name)
-    calibration = set(np.sort(rng.permutation(rows)[: cfg.calibration_images]).tolist())
+    calibration = set(calibration_rows(cache, name, cfg).tolist())
     rest = np.array([r for r in rows if r not in calibration], dtype=int)
     return np.asarray(cache.images[rest[:n]])
 

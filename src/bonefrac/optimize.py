@@ -278,15 +278,25 @@ def add_to_bundle(
     return section
 
 
+def _model_part(name: str) -> str | None:
+    from bonefrac.models import BODY_PART_MODEL
+
+    return None if name == BODY_PART_MODEL else name
+
+
+def calibration_rows(cache, name: str, cfg: PackageConfig) -> np.ndarray:
+    """The cache rows of the train images that calibrate one model's int8 quantization: a
+    sample seeded by `package.seed`, sorted."""
+    rng = np.random.default_rng(cfg.seed)
+    train = cache.rows(split="train", body_part=_model_part(name))
+    return np.sort(rng.permutation(train)[: cfg.calibration_images])
+
+
 def gate_data(cache, name: str, classes: list[str], point: dict | None, cfg: PackageConfig):
     """One model's calibration (train, a seeded sample) and gate (val) images from the
     preprocessed cache, with the labels and operating point the gate needs."""
-    from bonefrac.models import BODY_PART_MODEL
-
-    rng = np.random.default_rng(cfg.seed)
-    part = None if name == BODY_PART_MODEL else name
-    train = cache.rows(split="train", body_part=part)
-    train = np.sort(rng.permutation(train)[: cfg.calibration_images])
+    part = _model_part(name)
+    train = calibration_rows(cache, name, cfg)
     val = cache.rows(split="val", body_part=part)
     index = cache.index.iloc[val]
     if part is None:

@@ -131,3 +131,24 @@ def test_logits_roundtrip_used_above():
     p = np.array([0.2, 0.7])
     assert apply_temperature(p, 1.0) == pytest.approx(p)
     assert logits(p) == pytest.approx(np.log(p / (1 - p)), rel=1e-6)
+
+
+def test_calibration_is_a_seeded_train_sample_of_the_models_own_part(demo_cache):
+    """int8 calibration images come from the model's train rows only (never val or test), as
+    many as `package.calibration_images`, the same for the same seed; gate_data uses them."""
+    from bonefrac.optimize import calibration_rows, gate_data
+
+    settings, cache = demo_cache
+    cfg = PackageConfig(calibration_images=7, seed=3)
+    rows = calibration_rows(cache, "hand", cfg)
+    index = cache.index.iloc[rows]
+    assert len(rows) == 7 and list(rows) == sorted(rows)
+    assert set(index["split"]) == {"train"} and set(index["body_part"]) == {"hand"}
+    assert np.array_equal(rows, calibration_rows(cache, "hand", cfg))
+    other = calibration_rows(cache, "hand", cfg.model_copy(update={"seed": 4}))
+    assert not np.array_equal(rows, other)  # the seed draws the sample
+    body = cache.index.iloc[calibration_rows(cache, "body_part", cfg)]
+    assert set(body["split"]) == {"train"} and body["body_part"].nunique() > 1
+    point = {"threshold": 0.4, "temperature": 1.5}
+    data = gate_data(cache, "hand", ["hand"], point, cfg)
+    assert np.array_equal(data.calibration, np.asarray(cache.images[rows]))
