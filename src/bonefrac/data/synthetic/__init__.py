@@ -12,7 +12,10 @@ on:
   sizes, and now and then an RGB file, as MURA has;
 - anatomies that differ clearly even at 32-64 px (elbow: two long bones meeting at an angle;
   hand: a palm with five rays of small bones; shoulder: a round humeral head beside the glenoid
-  and scapula, the clavicle across the top), so a small network can learn the body part;
+  and scapula, the clavicle across the top), so a small network can learn the body part; MURA's
+  other four parts, when asked for (`extra_parts`), are drawn as their own anatomies too (wrist:
+  carpals close up; finger: one ray of phalanges; forearm: radius and ulna side by side;
+  humerus: one thick shaft with its head), as a body-part model's "other" class would need;
 - abnormal studies that show a bold fracture: a dark jagged gap across a large bone (never a
   phalanx, a few pixels wide at 64 px), the far fragment displaced by most of a shaft width and
   angulated, and soft-tissue swelling around it. It is local: global brightness statistics do

@@ -1,5 +1,6 @@
-"""The body parts of the synthetic radiographs: elbow, hand, shoulder and a generic pair of
-long bones for any other MURA part.
+"""The body parts of the synthetic radiographs: elbow, hand and shoulder (the models' parts),
+MURA's four other parts (wrist, finger, forearm, humerus), each drawn as its own anatomy so a
+body-part model can tell them apart, and a generic pair of long bones for any unknown name.
 
 Each function lays out one body part in the 256-unit frame: it adds soft tissue to `tissue`
 (drawn as 1.0, blurred later into a haze) and returns the bones' drawing steps in order.
@@ -199,9 +200,123 @@ def _shoulder(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_
     return [draw_thin_bones, coracoid.draw, humerus.draw, acromion.draw, clavicle.draw]
 
 
+def _wrist(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Drawing]:
+    """PA wrist, closer in than a hand film: radius and ulna from the bottom, a large cluster
+    of carpals in the middle, the five metacarpal bases cut off by the top edge."""
+    wrist = _p(128 + rng.normal(0, 6), 150 + rng.normal(0, 6))
+    tissue.polyline([wrist + _p(0, -150), wrist + _p(0, 170)], 175, 1.0)
+    broken = rng.choice(["radius", "ulna"], p=[0.8, 0.2]) if fracture else None
+    bones = [
+        _long_bone(
+            wrist + _p(-32, 40),
+            wrist + _p(-38, 190),
+            rng.uniform(44, 52),
+            rng,
+            fracture_at=rng.uniform(0.08, 0.3) if broken == "radius" else None,
+            tissue=tissue,
+        ),
+        _long_bone(
+            wrist + _p(36, 42),
+            wrist + _p(40, 190),
+            rng.uniform(28, 34),
+            rng,
+            fracture_at=rng.uniform(0.1, 0.35) if broken == "ulna" else None,
+            tissue=tissue,
+        ),
+    ]
+    carpals = _Bone()
+    for dx, dy in ((-38, 8), (-12, 12), (14, 10), (38, 4), (-34, -22), (-10, -24), (14, -24)):
+        carpals.heads.append((wrist + _p(dx, dy), (16, 13), rng.uniform(0, 180)))
+    carpals.heads.append((wrist + _p(40, -20), (11, 10), 0.0))  # pisiform
+    bones.append(carpals)
+    for index in range(5):
+        base = wrist + _p(-48 + 24 * index, -46)
+        direction = _rotate(_p(0, -1), (index - 2) * 7 + rng.normal(0, 2))
+        bones.append(_long_bone(base, base + direction * 140, 17 - 1.2 * abs(index - 2), rng))
+    return [bone.draw for bone in bones]
+
+
+def _finger(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Drawing]:
+    """One finger, close up: the metacarpal head at the bottom, then proximal, middle and
+    distal phalanges with joint spaces, inside a narrow sleeve of soft tissue."""
+    direction = _rotate(_p(0, -1), rng.normal(0, 6))
+    base = _p(128 + rng.normal(0, 6), 262)
+    lengths, width = [70, 78, 48, 34], rng.uniform(26, 32)
+    broken = int(rng.integers(1, 3)) if fracture else None  # proximal or middle phalanx
+    tissue.polyline([base, base + direction * (sum(lengths) + 30)], width * 2.1, 1.0)
+    bones, point = [], base
+    for index, length in enumerate(lengths):
+        end = point + direction * length
+        bones.append(
+            _long_bone(
+                point,
+                end,
+                width * (1.0 - 0.1 * index),
+                rng,
+                fracture_at=rng.uniform(0.3, 0.7) if index == broken else None,
+                tissue=tissue,
+            )
+        )
+        point = end + direction * 9  # joint space
+    return [bone.draw for bone in bones]
+
+
+def _forearm(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Drawing]:
+    """AP forearm: radius and ulna side by side the whole height of the film, the radius
+    crossing towards the ulna, a sliver of wrist and elbow at the ends."""
+    tilt = rng.normal(0, 6)
+    direction = _rotate(_p(0, 1), tilt)
+    across = _normal(direction)
+    top = _p(128, -40)
+    length = 340
+    tissue.polyline([top, top + direction * length], 120, 1.0)
+    broken = rng.choice(["radius", "ulna", "both"]) if fracture else None
+    at = rng.uniform(0.35, 0.65)
+    radius = _long_bone(
+        top - across * 14,
+        top + direction * length - across * 30,
+        rng.uniform(20, 24),
+        rng,
+        fracture_at=at if broken in ("radius", "both") else None,
+        tissue=tissue,
+    )
+    ulna = _long_bone(
+        top + across * 22,
+        top + direction * length + across * 22,
+        rng.uniform(18, 22),
+        rng,
+        fracture_at=at + rng.uniform(-0.05, 0.05) if broken in ("ulna", "both") else None,
+        tissue=tissue,
+    )
+    ulna.heads.append((top + across * 22, (20, 16), 0.0))  # olecranon at the top edge
+    radius.heads.append((radius.shafts[-1].end, (22, 14), 0.0))  # distal end, moved with a break
+    return [radius.draw, ulna.draw]
+
+
+def _humerus(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Drawing]:
+    """AP humerus: one thick shaft down the film, the round head at the top, the flared
+    condyles at the bottom, a strip of scapula beside the head."""
+    direction = _rotate(_p(0, 1), rng.normal(0, 5))
+    top = _p(118 + rng.normal(0, 6), 20)
+    bottom = top + direction * 230
+    tissue.polyline([top, bottom], 140, 1.0)
+    tissue.ellipse(top, (80, 60), 0, 1.0)
+    humerus = _long_bone(
+        top + direction * 10,
+        bottom,
+        rng.uniform(46, 54),  # the thickest long bone of the arm
+        rng,
+        fracture_at=rng.uniform(0.3, 0.7) if fracture else None,
+        tissue=tissue,
+    )
+    humerus.heads.append((top, (46, 44), 0.0))
+    humerus.heads.append((humerus.shafts[-1].end, (44, 16), 0.0))  # condyles, moved with a break
+    scapula = _Bone(heads=[(top + _p(-52, 10), (10, 60), 8.0)])
+    return [scapula.draw, humerus.draw]
+
+
 def _other_part(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Drawing]:
-    """Any other MURA part (wrist, forearm, finger, humerus): a plain pair of long bones, only
-    there so readers' body-part filtering can be tested."""
+    """A part MURA does not have: the generic pair of long bones."""
     tilt = rng.normal(0, 8)
     direction = _rotate(_p(0, 1), tilt)
     across = _normal(direction)
@@ -225,4 +340,9 @@ _ANATOMIES: dict[str, Callable[[_Film, np.random.Generator, bool], list[_Drawing
     "XR_ELBOW": _elbow,
     "XR_HAND": _hand,
     "XR_SHOULDER": _shoulder,
+    # MURA's other four parts: only the body-part model's "other" class would see them.
+    "XR_WRIST": _wrist,
+    "XR_FINGER": _finger,
+    "XR_FOREARM": _forearm,
+    "XR_HUMERUS": _humerus,
 }

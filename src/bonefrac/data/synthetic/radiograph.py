@@ -15,9 +15,9 @@ def render_radiograph(
 ) -> np.ndarray:
     """One synthetic radiograph of `part` as uint8 (height, width), each side 0.75-1.25 x `size`.
 
-    Parts other than elbow, hand and shoulder get a generic pair of long bones. Abnormal images
-    show a displaced fracture. All randomness comes from `rng`, so a seeded generator gives the
-    same pixels every time.
+    MURA's seven parts each have their own anatomy; any other name gets a generic pair of long
+    bones. Abnormal images show a displaced fracture. All randomness comes from `rng`, so a
+    seeded generator gives the same pixels every time.
     """
     height, width = (round(size * rng.uniform(0.75, 1.25)) for _ in range(2))
     pose = _Pose(
