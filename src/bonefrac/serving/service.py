@@ -23,6 +23,7 @@ import html
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -40,7 +41,7 @@ from bonefrac.imaging import ImageError
 from bonefrac.inference import Views
 from bonefrac.recommend.engine import KnowledgeError, load_knowledge, require_reviewed
 from bonefrac.serving import uploads
-from bonefrac.serving.batching import Batcher
+from bonefrac.serving.batching import Batcher, Overloaded
 from bonefrac.serving.uploads import ERROR_HEADER
 
 MODEL_TAG = "bonefrac:latest"
@@ -74,6 +75,7 @@ STATUS = {
     "too_many_images": 422,
     "internal": 500,
     "unreviewed_content": 503,
+    "overloaded": 503,
 }  # everything else: 400
 
 
@@ -204,6 +206,9 @@ class BonefracService:
             Path(stored.path), self.settings, source=str(stored.tag)
         )
         self.batcher = Batcher(self.predictor.predict_batch, MAX_BATCH, BATCH_SIZES.observe)
+        # /predict_batch decodes one request at a time (bounded memory, as BentoML's one-thread
+        # limit on sync APIs does for /predict), beside the models' batch thread.
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="bonefrac-decode")
 
     def __is_ready__(self) -> bool:
         """BentoML's /readyz: not ready while the guidance is refused."""
@@ -265,9 +270,12 @@ class BonefracService:
         from bonefrac.serving.predictor import merge_batch
 
         try:
-            decoded = await asyncio.to_thread(self._decode_batch, images)
+            loop = asyncio.get_running_loop()
+            decoded = await loop.run_in_executor(self.decoder, self._decode_batch, images)
             views = [item for item in decoded if isinstance(item, Views)]
             return merge_batch(decoded, await self.batcher.submit(views))
+        except Overloaded as exc:
+            return error_response("overloaded", f"the server is busy: {exc}; try again later", 503)
         except Exception:
             logger.exception("predict_batch: internal error")
             failed = {"error": {"code": "internal", "message": "the server failed on this batch"}}
