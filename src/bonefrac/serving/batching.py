@@ -60,7 +60,6 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: collections.deque[_Job] = collections.deque()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="bonefrac-batch")
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -71,8 +70,8 @@ class Batcher:
         if len(items) > self.max_items:
             raise ValueError(f"{len(items)} items in one request, over the {self.max_items} limit")
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop, self._wake = loop, asyncio.Event()  # first request (on this loop)
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._wake = asyncio.Event()  # first request (on this event loop)
             self._task = loop.create_task(self._serve())
         future: asyncio.Future = loop.create_future()
         self._queue.append(_Job(items, future, time.monotonic()))

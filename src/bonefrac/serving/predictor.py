@@ -368,7 +368,16 @@ class Predictor:
         """`predict_batch` on uploads; an undecodable item gets its `{"error": ...}` in place."""
         decoded = self.decode_batch(files)
         views = [item for item in decoded if isinstance(item, Views)]
-        return merge_batch(decoded, self.predict_batch(views, allow_ood=allow_ood))
+        return self.merge_batch(decoded, self.predict_batch(views, allow_ood=allow_ood))
+
+    @staticmethod
+    def merge_batch(decoded: Sequence[Views | dict], results: Sequence[dict]) -> list[dict]:
+        """`decode_batch`'s items with each decoded one replaced by its result, in order."""
+        expected = sum(isinstance(item, Views) for item in decoded)
+        if len(results) != expected:
+            raise ValueError(f"{len(results)} results for {expected} decoded images")
+        answers = iter(results)
+        return [next(answers) if isinstance(item, Views) else item for item in decoded]
 
     def decode_batch(self, files: Sequence[bytes]) -> list[Views | dict]:
         """Each upload -> its `inputs`, or its `{"error": ...}` body if it cannot be used."""
@@ -464,12 +473,3 @@ class Predictor:
             "notices": notices(result, self.synthetic),
             "disclaimer": DISCLAIMER,
         }
-
-
-def merge_batch(decoded: Sequence[Views | dict], results: Sequence[dict]) -> list[dict]:
-    """`decode_batch`'s items with each decoded one replaced by its result, in order."""
-    expected = sum(isinstance(item, Views) for item in decoded)
-    if len(results) != expected:
-        raise ValueError(f"{len(results)} results for {expected} decoded images")
-    answers = iter(results)
-    return [next(answers) if isinstance(item, Views) else item for item in decoded]

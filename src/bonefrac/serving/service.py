@@ -267,13 +267,11 @@ class BonefracService:
         if self.refusal is not None:
             refused = {"error": {"code": "unreviewed_content", "message": self.refusal}}
             return [refused for _ in images]
-        from bonefrac.serving.predictor import merge_batch
-
         try:
             loop = asyncio.get_running_loop()
             decoded = await loop.run_in_executor(self.decoder, self._decode_batch, images)
             views = [item for item in decoded if isinstance(item, Views)]
-            return merge_batch(decoded, await self.batcher.submit(views))
+            return self.predictor.merge_batch(decoded, await self.batcher.submit(views))
         except Overloaded as exc:
             return error_response("overloaded", f"the server is busy: {exc}; try again later", 503)
         except Exception:
