@@ -26,10 +26,13 @@ def project_root() -> Path:
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """A small SYNTHETIC MURA (exact layout and CSVs), shared read-only by the session."""
+    from bonefrac.config import OTHER_PARTS
     from bonefrac.data import synthetic
 
     base = tmp_path_factory.mktemp("demo-data")
-    synthetic.generate(base, patients=8, size=96, seed=0)
+    synthetic.generate(
+        base, patients=8, size=96, seed=0, extra_parts=OTHER_PARTS, extra_patients=2
+    )  # MURA's other parts too, for the body-part model's "other" class
     return base
 
 

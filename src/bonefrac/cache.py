@@ -39,7 +39,7 @@ from bonefrac.data.fingerprints import content_md5s
 from bonefrac.data.mura import COLUMNS
 from bonefrac.errors import DataError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the manifest's `scope` column
 CHUNK_SIZE = 64
 # the manifest's columns minus the two only validation needs, plus each image's md5
 INDEX_COLUMNS = [c for c in COLUMNS if c not in ("mura_split", "folder_label")] + ["md5"]
@@ -56,9 +56,15 @@ class Cache:
     def image_size(self) -> int:
         return int(self.meta["image_size"])
 
-    def rows(self, split: str | None = None, body_part: str | None = None) -> np.ndarray:
-        """Positions of the rows in a split and/or body part (cache order)."""
+    def rows(
+        self, split: str | None = None, body_part: str | None = None, *, other: bool = False
+    ) -> np.ndarray:
+        """Positions of the rows in a split and/or body part (cache order). Only the target
+        parts' rows unless `other`: MURA's other parts (manifest scope "other") are for the
+        body-part model alone, never the fracture models, the PCA gate or their metrics."""
         mask = np.ones(len(self.index), dtype=bool)
+        if not other and "scope" in self.index:
+            mask &= (self.index["scope"] != "other").to_numpy()
         if split is not None:
             mask &= (self.index["split"] == split).to_numpy()
         if body_part is not None:

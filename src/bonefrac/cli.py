@@ -119,16 +119,38 @@ def manifest(ctx: click.Context, data: Path | None, out: Path | None) -> None:
     show_default=True,
     help="Typical image side in pixels (sizes vary around it).",
 )
+@click.option(
+    "--other-patients",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Patients per other part (data.other_parts: wrist, finger, forearm, humerus, for the "
+    "body-part model's 'other' class) and split [default: a quarter of --patients, at least 2].",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_context
-def demo_data(ctx: click.Context, out: Path | None, patients: int, size: int, seed: int) -> None:
+def demo_data(
+    ctx: click.Context,
+    out: Path | None,
+    patients: int,
+    size: int,
+    other_patients: int | None,
+    seed: int,
+) -> None:
     """Generate a SYNTHETIC MURA-like dataset (exact MURA-v1.1 layout and CSVs) for the demo
     and the tests. Not real radiographs; its numbers say nothing about real performance."""
     from bonefrac.data import synthetic
 
     settings = _settings(ctx)
     out = out or settings.paths.data
-    root = synthetic.generate(out, patients=patients, size=size, seed=seed)
+    root = synthetic.generate(
+        out,
+        patients=patients,
+        size=size,
+        seed=seed,
+        parts=settings.data.parts,
+        extra_parts=settings.data.other_parts,
+        extra_patients=other_patients or max(2, patients // 4),
+    )
     click.echo(f"synthetic MURA written to {root}")
 
 
@@ -163,6 +185,7 @@ def validate_data(ctx: click.Context, data: Path | None, manifest_csv: Path | No
             data_dir,
             settings.data.parts,
             settings.layout.validation,
+            other_parts=settings.data.other_parts,
             **validation_options(settings),
         )
         success, summary, report = checked.success, checked.summary(), checked.report_path
@@ -530,6 +553,13 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
     help="Analyse images that do not look like elbow/hand/shoulder radiographs anyway.",
 )
 @_AGE_GROUP_OPTION
+@click.option(
+    "--body-part",
+    type=click.Choice(["elbow", "hand", "shoulder", "wrist", "finger", "forearm", "humerus", "other"]),
+    default=None,
+    help="The part imaged (default: the model decides). One the models do not cover answers "
+    "out_of_scope; one the model disagrees with is flagged and the finding is uncertain.",
+)
 @_BUNDLE_OPTION
 @click.pass_context
 def predict_command(
@@ -538,6 +568,7 @@ def predict_command(
     explain: bool,
     allow_ood: bool,
     age_group: str,
+    body_part: str | None,
     bundle: Path | None,
 ) -> None:
     """Print the service's JSON for IMAGE (PNG, JPEG or DICOM); several IMAGEs are one study.
@@ -575,7 +606,12 @@ def predict_command(
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
     predictor = Predictor.from_bundle(folder, limits, source=source, warm_up=False)
-    options = {"explain": explain, "allow_ood": allow_ood, "age_group": age_group}
+    options = {
+        "explain": explain,
+        "allow_ood": allow_ood,
+        "age_group": age_group,
+        "body_part": body_part,
+    }
     if len(data) == 1:
         result = predictor.predict_bytes(data[0], **options)
     else:

@@ -63,8 +63,30 @@ def body_part_name(part: str) -> str:
     return part.removeprefix("XR_").lower()
 
 
+OTHER = "other"  # the body-part model's class for MURA parts without a fracture model
+OTHER_PARTS = ("XR_FINGER", "XR_FOREARM", "XR_HUMERUS", "XR_WRIST")
+
+
+def body_part_classes(data: DataConfig) -> list[str]:
+    """The body-part model's classes, in softmax order: one per target part, then "other"
+    when `data.other_parts` brings MURA's remaining parts in for it to recognise."""
+    return [body_part_name(p) for p in data.parts] + ([OTHER] if data.other_parts else [])
+
+
+def body_part_class(body_part: str, classes: list[str] | tuple[str, ...]) -> str:
+    """A manifest body part ('wrist', 'elbow') -> the body-part model's class for it."""
+    return body_part if body_part in classes else OTHER
+
+
 class DataConfig(_Section):
     parts: tuple[str, ...] = ("XR_ELBOW", "XR_HAND", "XR_SHOULDER")
+    # MURA parts only the body-part model sees, as its "other" class, so that a wrist or a
+    # finger is recognised as out of scope instead of being given a covered part's guidance;
+    # empty = no "other" class (a 3-class body-part model, as bundles before it had)
+    other_parts: tuple[str, ...] = OTHER_PARTS
+    # share of each other part's patients kept (a stable draw per patient, like the val
+    # split): real MURA has ~9,000 images of them, which would double body-part training
+    other_fraction: float = Field(0.25, gt=0, le=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 42
     min_images_per_group: int = Field(10, ge=1)  # validation: per split x part x label
@@ -81,6 +103,33 @@ class DataConfig(_Section):
         if not parts:
             raise ValueError("at least one part is needed")
         return parts
+
+    @field_validator("other_parts")
+    @classmethod
+    def _known_other_parts(cls, parts: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in parts if p not in MURA_PARTS]
+        if unknown:
+            raise ValueError(f"unknown MURA part(s) {unknown}; choose from {list(MURA_PARTS)}")
+        return tuple(dict.fromkeys(parts))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_other_parts(cls, values: Any) -> Any:
+        """Unset, other_parts is MURA's four other parts minus any chosen as targets."""
+        if isinstance(values, dict) and "other_parts" not in values and "parts" in values:
+            parts = values["parts"] or ()
+            values = {**values, "other_parts": tuple(p for p in OTHER_PARTS if p not in parts)}
+        return values
+
+    @model_validator(mode="after")
+    def _other_parts_are_not_targets(self) -> DataConfig:
+        both = [p for p in self.other_parts if p in self.parts]
+        if both:
+            raise ValueError(
+                f"{', '.join(both)} in both data.parts and data.other_parts: a part either has "
+                "a fracture model or belongs to the body-part model's 'other' class"
+            )
+        return self
 
 
 class PreprocessConfig(_Section):

@@ -99,6 +99,13 @@ def results_table(summary: dict, parts: list[str], synthetic: bool) -> str:
         "(test, over all its classes); end-to-end study kappa "
         f"{_number(metrics.get('end_to_end_study_kappa'))}",
     ]
+    recognised = metrics.get("other_parts_study_recognised")
+    if recognised is not None:
+        lines.append(
+            "other parts (wrist, finger, forearm, humerus) recognised as out of scope: "
+            f"{_number(recognised)} of test studies; target-part studies abstained: "
+            f"{_number(metrics.get('end_to_end_study_abstained'))}"
+        )
     return "\n".join(lines)
 
 

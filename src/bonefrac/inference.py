@@ -9,6 +9,11 @@ is served. Nothing here imports TensorFlow, scikit-learn or any training code.
     images ──► body-part forward ──► route (each image, or each study as one) ──► that part's
     fracture forward ──► temperature ──► mean per study ──► finding at the part's threshold,
     "uncertain" within its band, or forced "uncertain" for an unsure part / OOD image
+
+A part no fracture model covers (the body-part model's "other" class: MURA's wrist, finger,
+forearm, humerus) is not judged at all: its finding is "out_of_scope", with no probability.
+A body part the user states routes the images instead of the model's guess; when the two
+disagree the finding is "uncertain".
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import numpy as np
 
 FRACTURE, NO_FRACTURE, UNCERTAIN = "fracture", "no_fracture", "uncertain"
 REFUSED = "refused"  # the OOD gate answered 422 instead of a finding
+OUT_OF_SCOPE = "out_of_scope"  # a body part no fracture model covers: not judged
+OTHER = "other"  # the body-part model's class for those parts
 OOD_LIMIT = 1.0  # an OOD score above this = unlike the training radiographs
 BODY_PART_MIN_CONFIDENCE = 0.5  # below: the part (and so the fracture model) is a guess
 _EPS = 1e-7  # keeps logits finite for probabilities saturated at 0 or 1
@@ -204,9 +211,11 @@ class Routed:
     """N images after both stages."""
 
     body_probs: np.ndarray  # (N, P) over TwoStage.classes
-    parts: np.ndarray  # (N,) the fracture model each image went to
-    raw: np.ndarray  # (N,) that model's output
-    probs: np.ndarray  # (N,) calibrated with that part's temperature
+    parts: np.ndarray  # (N,) where each image went: a fracture model's part, or OTHER
+    raw: np.ndarray  # (N,) that model's output (NaN for OTHER: no model judged it)
+    probs: np.ndarray  # (N,) calibrated with that part's temperature (NaN for OTHER)
+    model_parts: np.ndarray  # (N,) the body-part model's own choice (its class names)
+    stated: str | None = None  # the body part the user stated, as `route` got it
 
 
 def _group_mean(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -215,45 +224,70 @@ def _group_mean(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.nda
     return sums / np.bincount(groups, minlength=n_groups).reshape(-1, *[1] * (values.ndim - 1))
 
 
-def route(model: TwoStage, images: np.ndarray, groups: np.ndarray | None = None) -> Routed:
+def stated_route(model: TwoStage, stated: str) -> str:
+    """Where a stated body part ('elbow', 'wrist', 'other') sends the images: its own fracture
+    model, or OTHER for a part none covers."""
+    return stated if stated in model.fracture else OTHER
+
+
+def route(
+    model: TwoStage,
+    images: np.ndarray,
+    groups: np.ndarray | None = None,
+    stated: str | None = None,
+) -> Routed:
     """Both stages on N images. groups=None: each image goes to its own most likely part's
     fracture model (/predict). groups (N,) = study index 0..G-1: every image of a study goes
-    to the part with the study's highest mean body-part probability (/predict_study, MURA)."""
+    to the part with the study's highest mean body-part probability (/predict_study, MURA).
+    `stated` (a body part the user gave, short name) routes every image instead; the model's
+    own choice is kept in `model_parts`. Images routed to OTHER run no fracture model."""
     body = np.asarray(model.body_part(images), dtype=float)  # (N, P)
     if groups is None:
         choice = body.argmax(axis=1)
     else:
         groups = np.asarray(groups)
         choice = _group_mean(body, groups, int(groups.max()) + 1).argmax(axis=1)[groups]
-    parts = np.asarray(model.classes)[choice]
-    raw = np.empty(len(body))
-    probs = np.empty(len(body))
+    model_parts = np.asarray(model.classes)[choice]
+    parts = model_parts if stated is None else np.full(len(body), stated_route(model, stated))
+    raw = np.full(len(body), np.nan)
+    probs = np.full(len(body), np.nan)
     for part in dict.fromkeys(parts.tolist()):  # one batched call per fracture model
+        if part not in model.fracture:
+            continue  # OTHER: out of scope, not judged
         rows = parts == part
         raw[rows] = np.asarray(model.fracture[part](images[rows]), dtype=float).reshape(-1)
         probs[rows] = apply_temperature(raw[rows], model.points[part].temperature)
-    return Routed(body, parts, raw, probs)
+    return Routed(body, parts, raw, probs, model_parts, stated)
 
 
 @dataclass(frozen=True)
 class Decisions:
     """One answer per unit (an image, or a study): arrays of length U."""
 
-    part: np.ndarray  # the fracture model that judged it
+    part: np.ndarray  # the fracture model that judged it, or OTHER (out of scope, not judged)
     body_probs: np.ndarray  # (U, P) mean body-part probabilities
-    prob: np.ndarray  # mean calibrated probability (MURA: a study is its images' mean)
+    prob: np.ndarray  # mean calibrated probability (MURA: a study is its images' mean); NaN: OTHER
     raw: np.ndarray  # mean uncalibrated probability
     ood: np.ndarray  # the highest OOD score of its images
-    threshold: np.ndarray
+    threshold: np.ndarray  # NaN where out of scope
     band: np.ndarray
     accepted: np.ndarray  # every image passed the OOD gate
     confident: np.ndarray  # body-part probability >= BODY_PART_MIN_CONFIDENCE
     model_finding: np.ndarray  # the probability against threshold and band alone
-    finding: np.ndarray  # model_finding, or "uncertain" when not accepted or not confident
+    finding: np.ndarray  # model_finding, or "uncertain" when not accepted or the part unsure
+    model_part: np.ndarray  # the body-part model's own choice for the unit
+    disagrees: np.ndarray  # a stated body part that is not the model's choice
+    stated: str | None = None
+
+    @property
+    def in_scope(self) -> np.ndarray:
+        """Units a fracture model judged (not OTHER)."""
+        return self.part != OTHER
 
     @property
     def predicted(self) -> np.ndarray:
-        """0/1 at the threshold, band ignored: the served probability against its threshold."""
+        """0/1 at the threshold, band ignored: the served probability against its threshold
+        (0 for out-of-scope units, which have no probability: select `in_scope` first)."""
         return (self.prob >= self.threshold).astype(int)
 
     def answers(self, ood_gate: bool = True) -> np.ndarray:
@@ -265,7 +299,10 @@ class Decisions:
 def decide(
     model: TwoStage, routed: Routed, ood: np.ndarray, groups: np.ndarray | None = None
 ) -> Decisions:
-    """Judge each image (groups=None) or each group of images (a study) as the service does."""
+    """Judge each image (groups=None) or each group of images (a study) as the service does.
+    Out of scope (routed to OTHER): "out_of_scope", no probability. Otherwise the finding, or
+    "uncertain" when an image failed the OOD gate, or the body part is in doubt: the model
+    unsure of it (nothing stated), or a stated part the model disagrees with."""
     ood = np.asarray(ood, dtype=float)
     if groups is None:
         groups = np.arange(len(ood))
@@ -278,12 +315,23 @@ def decide(
     prob = _group_mean(routed.probs, groups, n)
     worst = np.full(n, -np.inf)
     np.maximum.at(worst, groups, ood)
-    points = [model.points[p] for p in part]
-    threshold = np.array([p.threshold for p in points])
-    band = np.array([p.uncertain_band for p in points])
+    scoped = part != OTHER
+    points = [model.points[p] if p != OTHER else None for p in part]
+    threshold = np.array([p.threshold if p else np.nan for p in points])
+    band = np.array([p.uncertain_band if p else np.nan for p in points])
     accepted = worst <= OOD_LIMIT
     confident = body.max(axis=1) >= BODY_PART_MIN_CONFIDENCE
-    model_finding = findings(prob, threshold, band)
+    model_part = routed.model_parts[first]
+    if routed.stated is None:
+        disagrees = np.zeros(n, dtype=bool)
+        part_sure = confident
+    else:
+        said = routed.stated if routed.stated in model.classes else OTHER
+        disagrees = model_part != said
+        part_sure = ~disagrees  # the user named the part: the model only has to agree
+    with np.errstate(invalid="ignore"):
+        model_finding = np.where(scoped, findings(prob, threshold, band), OUT_OF_SCOPE)
+    finding = np.where(accepted & part_sure, model_finding, UNCERTAIN)
     return Decisions(
         part=part,
         body_probs=body,
@@ -295,5 +343,8 @@ def decide(
         accepted=accepted,
         confident=confident,
         model_finding=model_finding,
-        finding=np.where(accepted & confident, model_finding, UNCERTAIN),
+        finding=np.where(scoped, finding, OUT_OF_SCOPE),
+        model_part=model_part,
+        disagrees=disagrees,
+        stated=routed.stated,
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from bonefrac.config import PackageConfig
+from bonefrac.config import OTHER, PackageConfig, body_part_class
 from bonefrac.inference import apply_temperature
 from bonefrac.runtimes import DEVICE, IR_FILES, cpuinfo, host_capabilities
 
@@ -288,7 +288,8 @@ def calibration_rows(cache, name: str, cfg: PackageConfig) -> np.ndarray:
     """The cache rows of the train images that calibrate one model's int8 quantization: a
     sample seeded by `package.seed`, sorted."""
     rng = np.random.default_rng(cfg.seed)
-    train = cache.rows(split="train", body_part=_model_part(name))
+    part = _model_part(name)  # the body-part model also sees MURA's other parts
+    train = cache.rows(split="train", body_part=part, other=part is None)
     return np.sort(rng.permutation(train)[: cfg.calibration_images])
 
 
@@ -297,10 +298,12 @@ def gate_data(cache, name: str, classes: list[str], point: dict | None, cfg: Pac
     preprocessed cache, with the labels and operating point the gate needs."""
     part = _model_part(name)
     train = calibration_rows(cache, name, cfg)
-    val = cache.rows(split="val", body_part=part)
+    val = cache.rows(split="val", body_part=part, other=part is None and OTHER in classes)
     index = cache.index.iloc[val]
     if part is None:
-        labels = np.array([classes.index(p) for p in index["body_part"]], dtype=int)
+        labels = np.array(
+            [classes.index(body_part_class(p, classes)) for p in index["body_part"]], dtype=int
+        )
         return GateData(np.asarray(cache.images[train]), np.asarray(cache.images[val]), labels)
     groups = index["study_id"].factorize()[0]
     return GateData(

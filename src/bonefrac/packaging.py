@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac.config import Settings
-from bonefrac.data.mura import body_part_name
+from bonefrac.config import OTHER, Settings, body_part_classes
 from bonefrac.errors import DataError
 from bonefrac.gate import Decision
 from bonefrac.models import BODY_PART_MODEL
@@ -100,7 +99,9 @@ def package_champions(
                 }
                 points[name] |= _negative_point(champion.tags)
             else:
-                versions[name]["classes"] = [body_part_name(p) for p in settings.data.parts]
+                # "other" comes last, so a champion from before it existed keeps its order
+                width = int(model.output_shape[-1])
+                versions[name]["classes"] = body_part_classes(settings.data)[:width]
         bundle = write_bundle(
             tmp / "bundle",
             settings,  # the bundle-level preprocessing: the OOD gate's, fitted in this run
@@ -186,7 +187,7 @@ def record_served_evaluation(bundle: Path, settings: Settings, cache) -> dict:
 
     predictor = Predictor.from_bundle(bundle, settings.serve, warm_up=False)
     runtime = predictor.runtime_info
-    rows = cache.rows(split="test")
+    rows = cache.rows(split="test", other=OTHER in predictor.classes)  # as evaluate_bundle
     inputs = Views(
         {
             key: np.repeat(split_images(settings, cache, rows, json.loads(key))[..., None], 3, -1)

@@ -181,12 +181,13 @@ def _classifier(seed: int):
 def baseline_predictions(model: PcaModel, cache: Cache, seed: int = 42) -> pd.DataFrame:
     """PCA features + logistic regression, fitted on train, predicted on every image.
 
-    Returns one row per cache image with `body_part_pred`, `body_part_prob_<part>` and
+    Returns one row per target-part cache image with `body_part_pred`, `body_part_prob_<part>` and
     `fracture_prob` (from that image's true part's fracture classifier), so the evaluate
     stage can score the baseline exactly like ResNet50.
     """
-    features = model.features(cache.images)
-    index = cache.index
+    targets = cache.rows()  # the target parts: MURA's other parts have no fracture model
+    features = model.features(cache.images)[targets]  # blockwise: the memmap stays on disk
+    index = cache.index.iloc[targets].reset_index(drop=True)
     train = (index["split"] == "train").to_numpy()
     out = index[["path", "split", "body_part", "study_id", "patient_id", "label"]].copy()
 

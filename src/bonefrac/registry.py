@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from bonefrac.config import PreprocessConfig, Settings
+from bonefrac.config import PreprocessConfig, Settings, body_part_class, body_part_classes
 from bonefrac.data.mura import body_part_name
 from bonefrac.errors import DataError, UserError
 from bonefrac.gate import GATE_SPLIT, Champion, Decision, Scored, decide
@@ -126,16 +126,16 @@ def _scored(settings, cache, name: str, model, preprocess: dict, point: dict) ->
     from bonefrac.evaluate.stage import predict
 
     split = cache.index["split"].isin(GATE_SPLITS).to_numpy().copy()
-    if name != BODY_PART_MODEL:
+    if name != BODY_PART_MODEL:  # the body part is judged on MURA's other parts too
         split &= (cache.index["body_part"] == name).to_numpy()
     rows = np.flatnonzero(split)
     columns = ["path", "split", "patient_id", "study_id", "label", "body_part"]
     frame = cache.index.iloc[rows][columns].reset_index(drop=True)
     outputs = predict(model, split_images(settings, cache, rows, preprocess))
     if name == BODY_PART_MODEL:
-        parts = [body_part_name(p) for p in settings.data.parts]
-        frame["truth"] = frame["body_part"]
-        frame["pred"] = np.array(parts)[outputs.argmax(axis=1)]
+        classes = body_part_classes(settings.data)  # "other" last: a 3-class model fits
+        frame["truth"] = [body_part_class(p, classes) for p in frame["body_part"]]
+        frame["pred"] = np.array(classes)[outputs.argmax(axis=1)]
         return Scored(frame)
     frame["prob"] = apply_temperature(outputs[:, 0], float(point["temperature"]))
     return Scored(frame, float(point["threshold"]))

@@ -65,6 +65,7 @@ def run_validate(settings: Settings) -> ValidateStageResult:
         result.data_dir,
         settings.data.parts,
         layout.validation,
+        other_parts=settings.data.other_parts,
         **validation_options(settings),
     )
     layout.metrics.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac.cache import Cache, load_cache
-from bonefrac.config import Settings, TrainConfig
+from bonefrac.config import OTHER, Settings, TrainConfig, body_part_class, body_part_classes
 from bonefrac.data.mura import body_part_name
 from bonefrac.errors import DataError
 from bonefrac.models import BODY_PART_MODEL
@@ -42,10 +42,17 @@ class TaskData:
 
 
 def task_data(cache: Cache, name: str, split: str, parts: list[str]) -> TaskData:
-    if name == BODY_PART_MODEL:
-        rows = cache.rows(split=split)
+    if name == BODY_PART_MODEL:  # `parts`: its classes, "other" last when it has one
+        rows = cache.rows(split=split, other=OTHER in parts)
         part_of_row = cache.index["body_part"].to_numpy()[rows]
-        labels = np.array([parts.index(p) for p in part_of_row], dtype=np.int64)
+        labels = np.array(
+            [parts.index(body_part_class(p, parts)) for p in part_of_row], dtype=np.int64
+        )
+        if split == "train" and OTHER in parts and not (labels == parts.index(OTHER)).any():
+            raise DataError(
+                "the body-part model's 'other' class has no training images: add MURA's other "
+                "parts (data.other_parts) to the data, or set data.other_parts: [] to go without"
+            )
         targets = np.eye(len(parts), dtype=np.float32)[labels]
         return TaskData(rows, targets, labels, list(parts))
     rows = cache.rows(split=split, body_part=name)
@@ -469,7 +476,7 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
     from bonefrac import tracking
 
     cache = load_cache(settings.layout.preprocessed)
-    parts = [body_part_name(p) for p in settings.data.parts]
+    parts = body_part_classes(settings.data)  # the body-part model's classes
     tracking.configure(settings)
     tags = {
         **tracking.provenance_tags(settings, cache.meta.get("key")),
@@ -602,7 +609,7 @@ def train_as_worker(settings, names: list[str], role) -> dict:
     import tempfile
 
     cache = load_cache(settings.layout.preprocessed)
-    parts = [body_part_name(p) for p in settings.data.parts]
+    parts = body_part_classes(settings.data)  # the body-part model's classes
     results = {}
     scratch = Path(tempfile.mkdtemp(prefix=f"bonefrac-{role.task_type}{role.task_index}-"))
     try:

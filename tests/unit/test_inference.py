@@ -220,3 +220,127 @@ def test_views_keep_every_preprocessing_of_the_same_images_together():
         inf.Views.concat([views, inf.Views({"a": a})])
     with pytest.raises(ValueError, match="no images"):
         inf.Views.concat([])
+
+
+# -- the "other" class: parts no fracture model covers, and a stated body part ---------------
+
+CLASSES4 = (*PARTS, inf.OTHER)
+BODY4 = np.array(
+    [
+        [0.7, 0.1, 0.1, 0.1],  # 0: elbow, confident
+        [0.1, 0.1, 0.1, 0.7],  # 1: other (a wrist, say)
+        [0.2, 0.3, 0.1, 0.4],  # 2: other, unsure
+        [0.35, 0.3, 0.05, 0.3],  # 3: elbow, unsure
+    ]
+)
+
+
+def four_class_model(calls: dict[str, list[int]]) -> inf.TwoStage:
+    def table(name: str, values: np.ndarray):
+        def forward(rows):
+            calls.setdefault(name, []).extend(np.asarray(rows).tolist())
+            return values[rows]
+
+        return forward
+
+    return inf.TwoStage(
+        classes=CLASSES4,
+        body_part=lambda rows: BODY4[rows],
+        fracture={p: table(p, RAW[p]) for p in PARTS},
+        points=POINTS,
+    )
+
+
+def test_other_is_out_of_scope_and_runs_no_fracture_model():
+    calls: dict[str, list[int]] = {}
+    model = four_class_model(calls)
+    routed = inf.route(model, np.arange(4))
+    assert list(routed.parts) == ["elbow", inf.OTHER, inf.OTHER, "elbow"]
+    assert calls == {"elbow": [0, 3]}  # images 1 and 2 were judged by no fracture model
+    assert np.isnan(routed.probs[[1, 2]]).all() and np.isfinite(routed.probs[[0, 3]]).all()
+    decisions = inf.decide(model, routed, np.array([0.1, 0.2, 0.3, 1.4]))
+    assert list(decisions.in_scope) == [True, False, False, True]
+    assert list(decisions.finding[1:3]) == [inf.OUT_OF_SCOPE] * 2
+    assert np.isnan(decisions.threshold[1:3]).all()
+    assert decisions.finding[3] == inf.UNCERTAIN  # unsure part (and OOD)
+    assert list(decisions.answers(ood_gate=True)) == [
+        decisions.model_finding[0],
+        inf.OUT_OF_SCOPE,
+        inf.OUT_OF_SCOPE,
+        inf.REFUSED,
+    ]
+    assert not decisions.disagrees.any()
+
+
+def test_a_stated_part_routes_and_a_disagreeing_model_makes_it_uncertain():
+    calls: dict[str, list[int]] = {}
+    model = four_class_model(calls)
+    ood = np.zeros(4)
+    # stated "hand": every image goes to the hand model, whatever the body-part model says
+    routed = inf.route(model, np.arange(4), stated="hand")
+    assert list(routed.parts) == ["hand"] * 4 and list(routed.model_parts) == [
+        "elbow",
+        inf.OTHER,
+        inf.OTHER,
+        "elbow",
+    ]
+    expected = expit(logit(RAW["hand"]) / POINTS["hand"].temperature)
+    np.testing.assert_allclose(routed.probs, expected)
+    decisions = inf.decide(model, routed, ood)
+    assert decisions.disagrees.all()  # the model saw no hand anywhere
+    assert (decisions.finding == inf.UNCERTAIN).all()
+    assert decisions.stated == "hand"
+
+    # stated "elbow": images 0 and 3 agree (3 is unsure, but the user named the part)
+    decisions = inf.decide(model, inf.route(model, np.arange(4), stated="elbow"), ood)
+    assert list(decisions.disagrees) == [False, True, True, False]
+    assert decisions.finding[0] == decisions.model_finding[0]
+    assert decisions.finding[3] == decisions.model_finding[3] != inf.UNCERTAIN
+    assert list(decisions.finding[1:3]) == [inf.UNCERTAIN] * 2
+
+
+def test_a_stated_uncovered_part_is_out_of_scope_even_when_the_model_sees_a_covered_one():
+    calls: dict[str, list[int]] = {}
+    model = four_class_model(calls)
+    decisions = inf.decide(model, inf.route(model, np.arange(4), stated="wrist"), np.zeros(4))
+    assert calls == {}  # no fracture model ran
+    assert (decisions.finding == inf.OUT_OF_SCOPE).all()
+    assert list(decisions.disagrees) == [True, False, False, True]  # the model said elbow
+    # a 3-class model (no "other") can never agree with a stated wrist
+    three = model_with(BODY, RAW)
+    decisions = inf.decide(three, inf.route(three, np.arange(4), stated="wrist"), np.zeros(4))
+    assert decisions.disagrees.all() and (decisions.finding == inf.OUT_OF_SCOPE).all()
+
+
+def test_end_to_end_counts_abstentions_and_recognised_other_parts():
+    from bonefrac.config import EvaluateConfig
+    from bonefrac.evaluate.end_to_end import evaluate_end_to_end
+
+    model = four_class_model({})
+    frame = pd.DataFrame(
+        {
+            "path": [f"img{i}" for i in range(4)],
+            "study_id": ["s0", "s1", "s2", "s3"],
+            "study_path": ["a/", "b/", "c/", "d/"],
+            "patient_id": ["p0", "p1", "p2", "p3"],
+            # image 1 is an elbow the model calls "other" (an abstention); 2 a real wrist,
+            # recognised; 3 a finger the model calls elbow (given elbow guidance: a miss)
+            "body_part": ["elbow", "elbow", "wrist", "finger"],
+            "label": [1, 0, 1, 0],
+        }
+    )
+    result = evaluate_end_to_end(
+        model, np.arange(4), frame, np.zeros(4), EvaluateConfig(bootstrap_samples=20)
+    )
+    metrics = result.metrics
+    assert list(result.studies["study_id"]) == ["s0", "s1"]  # the target parts' studies
+    assert metrics["study"]["n"] == 1  # only s0 was judged
+    assert metrics["study_abstained"] == pytest.approx(0.5)
+    assert metrics["study_answers"][inf.OUT_OF_SCOPE] == pytest.approx(0.5)
+    assert metrics["study_routing_accuracy"] == pytest.approx(0.5)
+    assert metrics["other_parts"] == {
+        "n_images": 2,
+        "n_studies": 2,
+        "image_recognised": 0.5,
+        "study_recognised": 0.5,
+    }

@@ -174,3 +174,53 @@ def test_manifest_round_trip_and_counts(mura_dir, tmp_path):
     table = mura.counts_table(frame)
     assert "abnormal" in table and "normal" in table and "total" in table
     assert str(len(frame)) in table.splitlines()[-1]
+
+
+def test_other_parts_join_the_manifest_for_the_body_part_model_only(mura_dir):
+    frame = mura.build_manifest(mura_dir, DataConfig(other_fraction=1.0)).frame
+    other = frame[frame["scope"] == "other"]
+    assert set(other["part"]) == {"XR_WRIST", "XR_FINGER"}
+    assert set(other["body_part"]) == {"wrist", "finger"}  # the true part, not "other"
+    assert len(other) == expected_images(("XR_WRIST", "XR_FINGER"))
+    assert set(frame.loc[frame["scope"] == "target", "part"]) == {
+        "XR_ELBOW",
+        "XR_HAND",
+        "XR_SHOULDER",
+    }
+    none = mura.build_manifest(mura_dir, DataConfig(other_parts=())).frame
+    assert len(none) == expected_images() and (none["scope"] == "target").all()
+
+
+def test_other_parts_default_to_the_four_not_chosen_as_targets():
+    assert DataConfig().other_parts == ("XR_FINGER", "XR_FOREARM", "XR_HUMERUS", "XR_WRIST")
+    assert DataConfig(parts=("XR_WRIST",)).other_parts == (
+        "XR_FINGER",
+        "XR_FOREARM",
+        "XR_HUMERUS",
+    )
+    with pytest.raises(ValueError, match="XR_WRIST in both data.parts and data.other_parts"):
+        DataConfig(parts=("XR_WRIST",), other_parts=("XR_WRIST",))
+
+
+def test_other_fraction_keeps_a_stable_share_of_patients_independent_of_the_val_split():
+    patients = [f"patient{i:05d}" for i in range(4000)]
+    frame = pd.DataFrame(
+        {
+            "patient_id": patients,
+            "mura_split": "train",
+            "split": "train",
+            "part": "XR_WRIST",
+            "label": [i % 2 for i in range(4000)],
+            "scope": "other",
+        }
+    )
+    quarter = mura.subsample_other_parts(frame, 0.25, seed=42)
+    half = mura.subsample_other_parts(frame, 0.5, seed=42)
+    assert 0.22 < len(quarter) / len(frame) < 0.28
+    assert set(quarter["patient_id"]) < set(half["patient_id"])  # more kept, none dropped
+    assert len(mura.subsample_other_parts(frame, 1.0, seed=42)) == len(frame)
+    # a draw of its own: the kept patients go to val at val_fraction, not skewed by the cut
+    val = mura.assign_val_split(quarter, 0.1, seed=42)
+    assert 0.07 < (val["split"] == "val").mean() < 0.13
+    targets = frame.assign(scope="target", part="XR_ELBOW")
+    assert len(mura.subsample_other_parts(targets, 0.25, seed=42)) == len(targets)

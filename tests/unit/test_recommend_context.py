@@ -86,3 +86,24 @@ def test_cli_recommend_takes_the_age_group():
     assert data["age_group"] == "child" and data["review_by_radiologist"] is True
     bad = CliRunner().invoke(cli, [*args, "--age-group", "teen"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("part", ["other", "wrist"])
+def test_an_unjudged_uncovered_part_gets_generic_guidance_and_review(part):
+    kb = load_knowledge()
+    rec = recommend(part, "uncertain", None, {"single_image": True}, threshold=None, knowledge=kb)
+    assert rec.probability is None and rec.threshold is None
+    assert not rec.body_part_covered and rec.review_by_radiologist
+    assert rec.summary == kb.generic.summary
+    assert "no model judged the image for an abnormality" in rec.review_reasons
+    assert rec.disclaimer
+    assert "not judged: no model covers this body part" in " ".join(rec.to_text().split())
+    if part == "other":
+        assert any("a body part the models do not cover" in r for r in rec.review_reasons)
+
+
+def test_a_covered_part_or_a_finding_needs_a_probability():
+    with pytest.raises(UserError, match="probability is missing"):
+        recommend("elbow", "uncertain", None, threshold=None)
+    with pytest.raises(UserError, match="probability is missing"):
+        recommend("wrist", "no_fracture", None, threshold=None)

@@ -43,6 +43,7 @@ def manifest_row(mura_split, split, part, patient, label, view, ext=".png") -> d
         "view": view,
         "label": label,
         "folder_label": label,
+        "scope": "target",
     }
 
 

@@ -38,7 +38,9 @@ COLUMNS = [
     "view",
     "label",
     "folder_label",
+    "scope",  # "target": a part with a fracture model; "other": only the body-part model sees it
 ]
+TARGET, OTHER_SCOPE = "target", "other"
 _STUDY_RE = re.compile(r"^study(\d+)_(positive|negative)$")
 _IMAGE_RE = re.compile(r"^image(\d+)\.\w+$", re.IGNORECASE)
 
@@ -129,6 +131,7 @@ def _rows(
     labels: dict[str, int] | None,
     parts: tuple[str, ...],
     problems: list[str],
+    other_parts: tuple[str, ...] = (),
 ) -> list[dict]:
     rows = []
     mismatched: set[str] = set()
@@ -137,7 +140,7 @@ def _rows(
             problems.append(f"unexpected path depth (want split/part/patient/study/image): {rel}")
             continue
         _, part, patient, study, image = rel.parts
-        if part not in parts:
+        if part not in parts and part not in other_parts:
             continue
         study_match = _STUDY_RE.match(study)
         if not study_match or not patient.startswith("patient"):
@@ -174,6 +177,7 @@ def _rows(
                 "view": int(view_match.group(1)) if view_match else 0,
                 "label": label,
                 "folder_label": folder_label,
+                "scope": TARGET if part in parts else OTHER_SCOPE,
             }
         )
     return rows
@@ -184,6 +188,17 @@ def patient_draw(patient_id: str, seed: int) -> float:
     when other patients are added or removed."""
     digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def subsample_other_parts(frame: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Keep the other parts' rows of patients whose draw falls below `fraction` (a draw of
+    its own, independent of the val split's, so the kept patients split like the rest)."""
+    if fraction >= 1:
+        return frame
+    other = frame["scope"] == OTHER_SCOPE
+    draws = {p: patient_draw(f"other-parts:{p}", seed) for p in frame.loc[other, "patient_id"]}
+    dropped = other & (frame["patient_id"].map(draws) >= fraction)
+    return frame[~dropped.to_numpy()]
 
 
 def assign_val_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
@@ -226,13 +241,14 @@ def build_manifest(data: Path, cfg: DataConfig) -> ManifestResult:
             labels = _study_labels_from_csv(root, mura_split, problems)
         else:
             images, labels = _scan_images(root, mura_split), None
-        rows += _rows(root, mura_split, images, labels, cfg.parts, problems)
+        rows += _rows(root, mura_split, images, labels, cfg.parts, problems, cfg.other_parts)
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    if frame.empty:
+    if not (frame["scope"] == TARGET).any():
         raise DataError(
             f"no {', '.join(cfg.parts)} images found under {root}: check --data and data.parts"
         )
+    frame = subsample_other_parts(frame, cfg.other_fraction, cfg.seed)
     frame = frame.drop_duplicates("path").sort_values("path", kind="stable")
     frame = assign_val_split(frame, cfg.val_fraction, cfg.seed).reset_index(drop=True)
 

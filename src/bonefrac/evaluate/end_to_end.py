@@ -11,6 +11,12 @@ against its part's threshold; band ignored), metrics over the units the service 
 (neither "uncertain" nor refused by the OOD gate) with their coverage, and the share of each
 answer. Nothing is hidden: uncertain and refused answers are counted, not dropped silently.
 
+A target-part unit the body-part model calls "other" (or that is otherwise routed to no
+fracture model) is an abstention: the service answers "out_of_scope" with no probability, so
+the threshold metrics cover the units a fracture model judged and `abstained` reports the
+rest. Test images of MURA's other parts (when the frame holds them) measure the reverse:
+the share recognised as out of scope instead of being given a covered part's guidance.
+
 The models come in as forward functions, so `evaluate_end_to_end` runs on any runtime: the
 evaluate stage passes its Keras models; a packaged bundle's runtime (fp32 now, int8 once
 packaging exports it) is evaluated by handing in that runtime's `TwoStage`.
@@ -32,6 +38,8 @@ from bonefrac.imaging import downsample
 from bonefrac.inference import (
     FRACTURE,
     NO_FRACTURE,
+    OTHER,
+    OUT_OF_SCOPE,
     REFUSED,
     UNCERTAIN,
     Decisions,
@@ -42,7 +50,7 @@ from bonefrac.inference import (
     route,
 )
 
-ANSWERS = (FRACTURE, NO_FRACTURE, UNCERTAIN, REFUSED)
+ANSWERS = (FRACTURE, NO_FRACTURE, UNCERTAIN, OUT_OF_SCOPE, REFUSED)
 KEYS = ["path", "study_id", "study_path", "patient_id", "body_part", "label"]
 
 
@@ -100,19 +108,34 @@ def evaluate_end_to_end(
     groups, _ = pd.factorize(frame["study_id"])
     study = decide(model, route(model, inputs, groups), ood, groups)
 
-    images = _answers(frame, image, ood_gate)
+    all_images = _answers(frame, image, ood_gate)
     first = frame.groupby("study_id", sort=False).head(1).reset_index(drop=True)
-    studies = _answers(first.drop(columns="path"), study, ood_gate)
-    studies["n_images"] = np.bincount(groups)
+    all_studies = _answers(first.drop(columns="path"), study, ood_gate)
+    all_studies["n_images"] = np.bincount(groups)
+    target_image = all_images["body_part"].isin(list(model.fracture)).to_numpy()
+    target_study = all_studies["body_part"].isin(list(model.fracture)).to_numpy()
+    images = all_images[target_image].reset_index(drop=True)
+    studies = all_studies[target_study].reset_index(drop=True)
     metrics = {
         "runtime": runtime,
         "ood_gate": ood_gate,
-        "routing_accuracy": float((images["part"] == images["body_part"]).mean()),
-        "study_routing_accuracy": float((studies["part"] == studies["body_part"]).mean()),
+        "routing_accuracy": _share(images["part"] == images["body_part"]),
+        "study_routing_accuracy": _share(studies["part"] == studies["body_part"]),
     }
     for level, units in (("image", images), ("study", studies)):
         metrics |= _level(level, units, cfg)
+    other_images, other_studies = all_images[~target_image], all_studies[~target_study]
+    metrics["other_parts"] = {  # MURA's other parts: recognised as out of scope?
+        "n_images": len(other_images),
+        "n_studies": len(other_studies),
+        "image_recognised": _share(other_images["part"] == OTHER),
+        "study_recognised": _share(other_studies["part"] == OTHER),
+    }
     return EndToEnd(metrics, images, studies)
+
+
+def _share(mask: pd.Series) -> float | None:
+    return float(mask.mean()) if len(mask) else None
 
 
 def evaluate_bundle(
@@ -131,7 +154,7 @@ def evaluate_bundle(
     gate. Inputs are fed exactly as the service feeds them: (N, S, S, 3) uint8 of the cache's
     test split, or `inputs` with their `ood` scores (a bundle whose models take different
     preprocessing: the test split in each, as `Predictor.as_views` expects)."""
-    rows = cache.rows(split="test")
+    rows = cache.rows(split="test", other=OTHER in model.classes)
     if inputs is None:
         images = np.asarray(cache.images[rows])  # (N, S, S)
         inputs, ood = np.repeat(images[..., np.newaxis], 3, axis=-1), ood_scores(gate, images)
@@ -152,15 +175,18 @@ def _answers(frame: pd.DataFrame, decisions: Decisions, ood_gate: bool) -> pd.Da
 
 
 def _level(level: str, units: pd.DataFrame, cfg: EvaluateConfig) -> dict:
-    """Metrics of one level: every unit at its part's threshold (with patient-bootstrap CIs;
-    each row is one unit, so the bootstrap runs at "image" level over these rows), the
-    decided units alone, and the share of each answer."""
-    threshold = units["threshold"].to_numpy()
+    """Metrics of one level: every unit a fracture model judged, at its part's threshold (with
+    patient-bootstrap CIs; each row is one unit, so the bootstrap runs at "image" level over
+    these rows), the decided units alone, the share of each answer and of abstentions (units
+    routed to no fracture model)."""
+    judged = units[units["part"] != OTHER]
+    threshold = judged["threshold"].to_numpy()
     decided = units[units["answer"].isin([FRACTURE, NO_FRACTURE])]
-    intervals = bootstrap_ci(units, threshold, cfg.bootstrap_samples, cfg.seed, level="image")
+    intervals = bootstrap_ci(judged, threshold, cfg.bootstrap_samples, cfg.seed, level="image")
     counts = units["answer"].value_counts()
     return {
-        level: binary_metrics(units["label"], units["prob"], threshold),
+        level: binary_metrics(judged["label"], judged["prob"], threshold),
+        f"{level}_abstained": 1 - len(judged) / len(units) if len(units) else None,
         f"{level}_ci": {k: (list(v) if v else None) for k, v in intervals.items()},
         f"{level}_decided": {
             **binary_metrics(decided["label"], decided["prob"], decided["threshold"].to_numpy()),

@@ -24,7 +24,7 @@ import pandas as pd
 from bonefrac.bundle import OOD_GATE_FILE
 from bonefrac.bundle import OPERATING_POINT_FILE as OPERATING_POINT
 from bonefrac.cache import Cache, load_cache
-from bonefrac.config import Settings
+from bonefrac.config import OTHER, Settings, body_part_class, body_part_classes
 from bonefrac.data.mura import body_part_name
 from bonefrac.evaluate import (
     classification_report_text,
@@ -96,11 +96,15 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
     cache = load_cache(layout.preprocessed)
     runs = read_runs(layout.models)
     parts = [body_part_name(p) for p in settings.data.parts]
+    classes = body_part_classes(settings.data)  # the body-part model's: "other" last
+    other = OTHER in classes  # MURA's other parts: the body-part model and end to end only
     synthetic = _is_synthetic(settings)
     staging = layout.evaluation.parent / f".{layout.evaluation.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    eval_rows = np.concatenate([cache.rows(split="val"), cache.rows(split="test")])
+    eval_rows = np.concatenate(
+        [cache.rows(split="val", other=other), cache.rows(split="test", other=other)]
+    )
     test_mask = cache.index["split"].to_numpy()[eval_rows] == "test"
 
     # 1. body part: which fracture model each image goes to (outputs are computed once per
@@ -110,16 +114,16 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
         for name in (BODY_PART_MODEL, *parts)
     }
     body_probs = forward[BODY_PART_MODEL](eval_rows)
-    predicted_part = np.array(parts)[body_probs.argmax(axis=1)]
+    predicted_part = np.array(classes)[body_probs.argmax(axis=1)]
     true_part = cache.index["body_part"].to_numpy()[eval_rows]
+    true_class = np.array([body_part_class(p, classes) for p in true_part])
     body_dir = staging / BODY_PART_MODEL
     body_dir.mkdir()
-    body_metrics = multiclass_metrics(true_part[test_mask], predicted_part[test_mask], parts)
-    confusion_matrix_plot(
-        true_part[test_mask], predicted_part[test_mask], parts, body_dir / "confusion_matrix.png"
-    )
+    truth, guess = true_class[test_mask], predicted_part[test_mask]
+    body_metrics = multiclass_metrics(truth, guess, classes)
+    confusion_matrix_plot(truth, guess, classes, body_dir / "confusion_matrix.png")
     (body_dir / "classification_report.txt").write_text(
-        classification_report_text(true_part[test_mask], predicted_part[test_mask], parts)
+        classification_report_text(truth, guess, classes)
     )
     results: dict[str, dict] = {BODY_PART_MODEL: body_metrics}
 
@@ -145,9 +149,9 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
 
     gate = PcaModel.load(layout.pca / "pca.joblib").ood_gate()
     gate.save(staging / OOD_GATE_FILE)  # packaging puts exactly this gate in the bundle
-    test_rows = cache.rows(split="test")
+    test_rows = cache.rows(split="test", other=other)
     served = TwoStage(
-        classes=tuple(parts),
+        classes=tuple(classes),
         body_part=forward[BODY_PART_MODEL],
         fracture={p: forward[p] for p in parts},
         points={
@@ -292,6 +296,10 @@ def _headline(results: dict, parts: list[str], synthetic: bool) -> dict:
         "end_to_end_study_uncertain_share": results["end_to_end"]["study_answers"]["uncertain"],
         "end_to_end_study_refused_share": results["end_to_end"]["study_answers"]["refused"],
         "routing_accuracy": results["end_to_end"]["routing_accuracy"],
+        # target-part studies the body-part model sent to "other": no finding (abstained)
+        "end_to_end_study_abstained": results["end_to_end"]["study_abstained"],
+        # MURA's other parts recognised as out of scope (None: no other parts in the data)
+        "other_parts_study_recognised": results["end_to_end"]["other_parts"]["study_recognised"],
     }
     for part in parts:
         headline[f"{part}_study_kappa"] = results[part]["study"]["kappa"]

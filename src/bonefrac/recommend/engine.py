@@ -117,10 +117,10 @@ def _context(context: RecommendationContext | Mapping[str, Any] | None) -> Recom
 def recommend(
     body_part: str | None,
     finding: str,
-    probability: float,
+    probability: float | None,
     context: RecommendationContext | Mapping[str, Any] | None = None,
     *,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = DEFAULT_THRESHOLD,
     band: Band | None = None,
     high_confidence_margin: float = DEFAULT_HIGH_CONFIDENCE_MARGIN,
     negative_cutoff: float | None = None,
@@ -129,7 +129,7 @@ def recommend(
     """The sourced recommendation for one model result (pure: same inputs, same output).
 
     `probability` is the model's fracture probability and `threshold` the one the finding was
-    made at; "fracture" needs probability >= threshold and "no_fracture" below it. The
+    made at (both None for a body part no model covers, which no fracture model judged); "fracture" needs probability >= threshold and "no_fracture" below it. The
     confidence band comes from the distance to the threshold (see `confidence_band`) unless
     `band` gives one, e.g. from a calibrated interval; `negative_cutoff` (the bundle's, fitted
     on val) decides which negatives are confident. `context` may say `ood=True` (forces the
@@ -141,33 +141,47 @@ def recommend(
     """
     if finding not in FINDINGS:
         raise UserError(f"finding {finding!r} is not one of {', '.join(FINDINGS)}")
-    probability = _unit_interval("probability", probability)
-    threshold = _unit_interval("threshold", threshold, open_ends=True)
+    if body_part is not None and not isinstance(body_part, str):
+        raise UserError(f"body part must be a name such as 'elbow' or 'XR_ELBOW', not {body_part}")
+    judged = probability is not None  # None: no fracture model covers the part (not judged)
+    if not judged and (normalise_body_part(body_part) is not None or finding != "uncertain"):
+        raise UserError(
+            "probability is missing: only a body part the models do not cover, with finding "
+            "'uncertain', goes without one"
+        )
+    probability = _unit_interval("probability", probability) if judged else None
+    threshold = _unit_interval("threshold", threshold, open_ends=True) if judged else None
     if not 0.0 < high_confidence_margin <= 1.0:
         raise UserError(f"high_confidence_margin {high_confidence_margin!r} must be in (0, 1]")
     if band is not None and band not in BANDS:
         raise UserError(f"band {band!r} is not one of high, low")
     if negative_cutoff is not None:
         negative_cutoff = _unit_interval("negative_cutoff", negative_cutoff)
-    if (finding == "fracture" and probability < threshold) or (
-        finding == "no_fracture" and probability >= threshold
+    if judged and (
+        (finding == "fracture" and probability < threshold)
+        or (finding == "no_fracture" and probability >= threshold)
     ):
         raise UserError(
             f"finding {finding!r} disagrees with probability {probability:.2f} at threshold "
             f"{threshold:.2f}: pass the threshold the finding was made at, or finding 'uncertain'"
         )
-    if body_part is not None and not isinstance(body_part, str):
-        raise UserError(f"body part must be a name such as 'elbow' or 'XR_ELBOW', not {body_part}")
     ctx = _context(context)
     kb = knowledge or load_knowledge()
     part = normalise_body_part(body_part)
+    if not judged:
+        band = "low"
     band = band or confidence_band(probability, threshold, high_confidence_margin, negative_cutoff)
 
     # 1. Why the result needs a radiologist before anyone acts on it (empty = not flagged).
     reasons = []
     if part is None:
         covered = ", ".join(PARTS)
-        reasons.append(f"the body part {body_part!r} is not one the model covers ({covered})")
+        if body_part is not None and body_part.strip().lower() == "other":
+            reasons.append(f"the image is of a body part the models do not cover ({covered})")
+        else:
+            reasons.append(f"the body part {body_part!r} is not one the model covers ({covered})")
+        if not judged:
+            reasons.append("no model judged the image for an abnormality")
     if ctx.ood:
         reasons.append("the image looks unlike the images the model was trained on")
     if finding == "uncertain":

@@ -58,8 +58,8 @@ class Recommendation(_Frozen):
     body_part_covered: bool
     model_finding: Finding
     finding: Finding
-    probability: float
-    threshold: float
+    probability: float | None  # None: a body part no model covers, not judged
+    threshold: float | None
     confidence: Band
     summary: str
     urgency: UrgencyStatement
@@ -106,12 +106,15 @@ class Recommendation(_Frozen):
         finding = FINDING_LABELS[self.finding]
         if self.model_finding != self.finding:
             finding += f" (model said {FINDING_LABELS[self.model_finding]})"
+        if self.probability is None:
+            scored = "not judged: no model covers this body part"
+        else:
+            scored = (
+                f"probability {self.probability:.2f}, threshold {self.threshold:.2f}, "
+                f"confidence {self.confidence}"
+            )
         lines = [
-            para(
-                f"bonefrac recommendation: {part}, {finding} (probability "
-                f"{self.probability:.2f}, threshold {self.threshold:.2f}, confidence "
-                f"{self.confidence})"
-            ),
+            para(f"bonefrac recommendation: {part}, {finding} ({scored})"),
             self.disclaimer,  # never wrapped, so it is always found whole
             "",
             para(self.summary),

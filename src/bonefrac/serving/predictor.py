@@ -44,6 +44,7 @@ from bonefrac.inference import (
     Decisions,
     OodGate,
     TwoStage,
+    OTHER,
     Views,
     decide,
     route,
@@ -57,13 +58,16 @@ from bonefrac.serving.responses import (  # noqa: F401 - re-exported: callers an
     OutOfDistribution,
     PredictionError,
     check_age_group,
+    check_body_part,
     error_body,
     notices,
     unit_json,
     view_agreement,
 )
 
-API_VERSION = "2"  # the response schema; every response carries it as `api_version`
+# the response schema; every response carries it as `api_version`. 3: a body part no model
+# covers answers finding "out_of_scope" with null numbers; body_part.stated/disagrees/covered
+API_VERSION = "3"
 MAX_STUDY_IMAGES = 8
 VERSION_KEYS = ("run_id", "version", "registered_name")  # what identifies a model in responses
 
@@ -113,7 +117,7 @@ class Predictor:
         self.parts: list[str] = list(manifest["parts"])
         body = manifest["models"][BODY_PART_MODEL]
         self.classes: list[str] = list(body.get("classes") or self.parts)  # softmax order
-        missing = [c for c in self.classes if c not in models]
+        missing = [c for c in self.classes if c != OTHER and c not in models]
         if missing:
             raise DataError(f"the bundle has no fracture model for {', '.join(missing)}")
         self._keras = models  # Grad-CAM always runs on these (Keras fp32)
@@ -126,7 +130,7 @@ class Predictor:
         self.core = TwoStage(
             classes=tuple(self.classes),
             body_part=forward[BODY_PART_MODEL],
-            fracture={part: forward[part] for part in self.classes},
+            fracture={part: forward[part] for part in self.classes if part != OTHER},
             points=operating_points(manifest),
         )
         self._gradcams: dict[str, Any] = {}
@@ -239,11 +243,17 @@ class Predictor:
         explain: bool = False,
         allow_ood: bool = False,
         age_group: str = "unknown",
+        body_part: str | None = None,
     ) -> dict:
         """One uploaded file -> the response JSON (see `predict_image`)."""
         age_group = check_age_group(age_group)
+        body_part = check_body_part(body_part)
         return self.predict_image(
-            self.inputs(data), explain=explain, allow_ood=allow_ood, age_group=age_group
+            self.inputs(data),
+            explain=explain,
+            allow_ood=allow_ood,
+            age_group=age_group,
+            body_part=body_part,
         )
 
     def predict_image(
@@ -253,25 +263,29 @@ class Predictor:
         explain: bool = False,
         allow_ood: bool = False,
         age_group: str = "unknown",
+        body_part: str | None = None,
     ) -> dict:
         """One preprocessed image -> body part, calibrated fracture probability and finding,
         recommendation, quality, optional Grad-CAM heatmap. Raises OutOfDistribution when the
         image fails the OOD gate and `allow_ood` is not set. The image is judged alone, so the
         recommendation asks for the part's standard views (the single-view safeguard).
-        `image`: (S, S, 3), or `inputs(data)` (one image in each preprocessing)."""
+        `image`: (S, S, 3), or `inputs(data)` (one image in each preprocessing).
+        `body_part`: the part the user states (routes the image; flagged if the model
+        disagrees); a part no fracture model covers gets "out_of_scope"."""
         age_group = check_age_group(age_group)
+        body_part = check_body_part(body_part)
         images = image if isinstance(image, Views) else self.as_views(np.asarray(image)[None])
         if len(images) != 1:
             raise ValueError(f"predict_image takes one image, got {len(images)}")
         ood = self.ood_scores(images)
         self._gate(ood, allow_ood)
-        decisions = decide(self.core, route(self.core, images), ood)
+        decisions = decide(self.core, route(self.core, images, stated=body_part), ood)
         result = self._result(decisions, 0)
         result["age_group"] = age_group
         result["recommendation"] = self._recommendation(
             result, age_group=age_group, single_image=True
         )
-        if explain:
+        if explain and decisions.in_scope[0]:  # no fracture model judged an out-of-scope part
             result.update(self._explain(str(decisions.part[0]), images)[0])
         return self._envelope(result, "image")
 
@@ -282,6 +296,7 @@ class Predictor:
         explain: bool = False,
         allow_ood: bool = False,
         age_group: str = "unknown",
+        body_part: str | None = None,
     ) -> dict:
         """Several images of one study -> the study result (body part from the mean body-part
         probabilities; fracture probability = mean of the images' calibrated probabilities,
@@ -301,7 +316,11 @@ class Predictor:
             except ImageError as exc:
                 raise ImageError(f"image {i} of {len(files)}: {exc}", exc.code) from None
         return self.predict_study_images(
-            Views.concat(images), explain=explain, allow_ood=allow_ood, age_group=age_group
+            Views.concat(images),
+            explain=explain,
+            allow_ood=allow_ood,
+            age_group=age_group,
+            body_part=body_part,
         )
 
     def predict_study_images(
@@ -311,27 +330,33 @@ class Predictor:
         explain: bool = False,
         allow_ood: bool = False,
         age_group: str = "unknown",
+        body_part: str | None = None,
     ) -> dict:
         """`predict_study` on (N, S, S, 3) preprocessed images. The study probability stays the
         MURA mean; `views` flags views on both sides of the threshold (a finding on one view
         that the mean may dilute), and such a study asks for radiologist review."""
         age_group = check_age_group(age_group)
+        body_part = check_body_part(body_part)
         batch = self.as_views(batch)
         ood = self.ood_scores(batch)
         for i, score in enumerate(ood, start=1):
             self._gate(np.array([score]), allow_ood, where=f"image {i} of {len(batch)}")
         one_study = np.zeros(len(batch), dtype=int)
-        routed = route(self.core, batch, one_study)  # every image to the study's part
+        routed = route(self.core, batch, one_study, body_part)  # every image to the study's part
         study = decide(self.core, routed, ood, one_study)
         per_image = decide(self.core, routed, ood)
         images = [self._result(per_image, i) | {"index": i} for i in range(len(batch))]
-        if explain:
+        if explain and study.in_scope[0]:
             for result, extra in zip(images, self._explain(str(study.part[0]), batch), strict=True):
                 result.update(extra)
         result = self._result(study, 0)
         result["n_images"] = len(batch)
         result["age_group"] = age_group
-        result["views"] = view_agreement(per_image, study.threshold[0])
+        result["views"] = (
+            view_agreement(per_image, study.threshold[0])
+            if study.in_scope[0]
+            else {"disagree": False, "abnormal": [], "normal": []}  # no view was judged
+        )
         result["recommendation"] = self._recommendation(
             result,
             study_images=len(batch),
@@ -400,13 +425,26 @@ class Predictor:
 
     # -- response pieces ----------------------------------------------------------------------
 
-    def _negative_cutoff(self, part: str) -> float:
+    def _negative_cutoff(self, part: str) -> float | None:
+        if part == OTHER:
+            return None
         cutoff = self.core.points[part].negative_cutoff
         return 0.0 if cutoff is None else cutoff  # not recorded: no negative is confident
 
     def _recommendation(self, result: dict, study_images: int | None = None, **context) -> dict:
         fracture = result["fracture"]
         context |= {"ood": not result["quality"]["accepted"], "study_images": study_images}
+        if fracture["model"] is None:  # out of scope: generic guidance, radiologist review
+            body = result["body_part"]
+            rec = recommend(
+                body["stated"] or OTHER,
+                "uncertain",
+                None,
+                context,
+                threshold=None,
+                knowledge=self.knowledge,
+            )
+            return rec.model_dump(mode="json")
         try:
             rec = recommend(
                 fracture["model"],
@@ -453,12 +491,13 @@ class Predictor:
     def _result(self, decisions: Decisions, i: int) -> dict:
         """Body part, abnormality finding and quality of unit i (an image or a study)."""
         part = str(decisions.part[i])
+        model = self.manifest["models"].get(part, {})  # none for OTHER: not judged
         return unit_json(
             decisions,
             i,
             self.classes,
             negative_cutoff=self._negative_cutoff(part),
-            sensitivity=self.manifest["models"][part].get("val_sensitivity"),
+            sensitivity=model.get("val_sensitivity"),
         )
 
     def _envelope(self, result: dict, level: str) -> dict:

@@ -226,14 +226,22 @@ class BonefracService:
         explain: bool = False,
         allow_ood: bool = False,
         age_group: str = "unknown",
+        body_part: str = "",
     ) -> dict:
         """One X-ray (PNG, JPEG or DICOM) -> body part, abnormality finding, recommendation.
-        age_group: adult, child or unknown (the default)."""
+        age_group: adult, child or unknown (the default). body_part: the part imaged (elbow,
+        hand, shoulder, wrist, finger, forearm, humerus or other; empty: the model decides);
+        one the models do not cover answers "out_of_scope", one the model disagrees with is
+        flagged."""
 
         def work() -> dict:
             data = read_upload(image, self.max_bytes)
             return self.predictor.predict_bytes(
-                data, explain=explain, allow_ood=allow_ood, age_group=age_group
+                data,
+                explain=explain,
+                allow_ood=allow_ood,
+                age_group=age_group,
+                body_part=body_part,
             )
 
         return self._answer("predict", work)
@@ -245,14 +253,19 @@ class BonefracService:
         explain: bool = False,
         allow_ood: bool = False,
         age_group: str = "unknown",
+        body_part: str = "",
     ) -> dict:
         """Several views of one study -> the study result (MURA mean), each image's, and a flag
-        when the views disagree. age_group: adult, child or unknown (the default)."""
+        when the views disagree. age_group and body_part: as for /predict."""
 
         def work() -> dict:
             data = [read_upload(path, self.max_bytes) for path in images]
             return self.predictor.predict_study(
-                data, explain=explain, allow_ood=allow_ood, age_group=age_group
+                data,
+                explain=explain,
+                allow_ood=allow_ood,
+                age_group=age_group,
+                body_part=body_part,
             )
 
         return self._answer("predict_study", work)
@@ -288,7 +301,7 @@ def _routes() -> dict[str, uploads.Route]:
 
     cfg = serve_settings()
     one = int(cfg.max_upload_mb * 1_000_000) + MULTIPART_OVERHEAD
-    options, wait = frozenset({"explain", "allow_ood", "age_group"}), cfg.body_timeout_s
+    options, wait = frozenset({"explain", "allow_ood", "age_group", "body_part"}), cfg.body_timeout_s
     return {
         "/predict": uploads.Route(one, "image", 1, options, wait, "too_many_files"),
         "/predict_study": uploads.Route(

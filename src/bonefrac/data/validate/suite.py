@@ -211,6 +211,7 @@ def validate(
     parts: Sequence[str],
     out_dir: Path,
     *,
+    other_parts: Sequence[str] = (),
     min_rows_per_group: int = 2,
     balance_bounds: tuple[float, float] = (0.1, 0.9),
     image_bounds: ImageBounds = ImageBounds(min_side=32, max_side=8192),
@@ -219,7 +220,9 @@ def validate(
 ) -> ValidationResult:
     """Check the manifest and every image it lists; write `out_dir/data_docs/` (GX Data Docs)
     and `out_dir/validation.json` (the DVC metrics). Bad data gives success=False, not an
-    exception; unusable inputs raise DataError before anything is written."""
+    exception; unusable inputs raise DataError before anything is written. `other_parts`
+    (MURA's parts for the body-part model's "other" class) are checked image by image; the
+    per-group counts and balance cover the target `parts`, which have fracture models."""
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     parts = list(parts)
@@ -238,7 +241,9 @@ def validate(
     try:
         with _quiet_gx():
             gx = _import_gx()
-            image_checks = _image_expectations(gx.expectations, parts, image_bounds, extensions)
+            image_checks = _image_expectations(
+                gx.expectations, [*parts, *other_parts], image_bounds, extensions
+            )
             group_checks = _group_expectations(gx.expectations, min_rows_per_group, balance_bounds)
             tables = {
                 "images": (table, "path", image_checks),

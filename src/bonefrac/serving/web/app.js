@@ -22,6 +22,7 @@
     fracture: { label: "Abnormality suspected (fracture, hardware, degenerative change, …)", css: "fracture" },
     no_fracture: { label: "No abnormality detected", css: "no-fracture" },
     uncertain: { label: "Uncertain", css: "uncertain" },
+    out_of_scope: { label: "Not assessed: a body part the models do not cover", css: "uncertain" },
   };
 
   // el("p", {class: "x"}, "text", child) -> element; strings become text nodes.
@@ -116,6 +117,7 @@
     body.append("explain", $("explain").checked ? "true" : "false");
     body.append("allow_ood", $("allow-ood").checked ? "true" : "false");
     body.append("age_group", $("age-group").value);
+    body.append("body_part", $("body-part").value);
 
     analyseButton.disabled = true;
     statusLine.textContent = single ? "Analysing the image…" : `Analysing the study of ${files.length} images…`;
@@ -237,6 +239,9 @@
     return el("span", { class: "muted", text: "Heatmap: red = regions that raised the abnormality score most." });
   }
 
+  // "other" is the body-part model's class for parts without a fracture model
+  const partName = (label) => (label === "other" ? "Other (not elbow, hand or shoulder)" : title(label));
+
   function renderFacts(data, study) {
     const part = data.body_part;
     const partProb = part.probabilities[part.label];
@@ -246,10 +251,25 @@
       el(
         "dd",
         { "data-field": "body-part" },
-        el("strong", { text: title(part.label) }),
+        el("strong", { text: partName(part.label) }),
         ` (${percent(partProb)})`,
-        part.confident ? null : el("span", { class: "badge finding-uncertain small", text: "uncertain" }),
+        part.confident || part.stated ? null : el("span", { class: "badge finding-uncertain small", text: "uncertain" }),
       ),
+    );
+    if (part.stated) {
+      facts.append(
+        el("dt", { text: "Body part stated" }),
+        el(
+          "dd",
+          { "data-field": "stated-part" },
+          el("strong", { text: partName(part.stated) }),
+          part.disagrees
+            ? el("span", { class: "badge finding-uncertain small", "data-field": "part-disagrees", text: "disagrees with the model" })
+            : " (the model agrees)",
+        ),
+      );
+    }
+    facts.append(
       el("dt", { text: study ? "Abnormality probability (mean of images)" : "Abnormality probability" }),
       el("dd", {}, probabilityBar(data.fracture)),
       el("dt", { text: "Finding" }),
@@ -273,6 +293,7 @@
 
   // The model's sensitivity on validation studies (never the test split), with its interval.
   function sensitivityText(fracture) {
+    if (fracture.model === null) return "No model assessed this body part.";
     const s = fracture.sensitivity;
     if (!s || !s.at_threshold || s.at_threshold.value === null) {
       return "Not recorded for this model: treat every result with caution.";
@@ -289,6 +310,9 @@
   }
 
   function probabilityBar(fracture) {
+    if (fracture.probability === null) {
+      return el("div", { class: "prob muted", "data-field": "probability", text: "Not assessed: no model covers this body part." });
+    }
     const p = fracture.probability;
     const t = fracture.threshold;
     const band = fracture.uncertain_band || 0;
@@ -336,7 +360,7 @@
     }
     card.append(
       el("p", { class: "file-name", text: file ? file.name : `Image ${image.index + 1}` }),
-      el("p", {}, "Body part: ", el("strong", { text: title(image.body_part.label) }), ` (${percent(image.body_part.probabilities[image.body_part.label])})`),
+      el("p", {}, "Body part: ", el("strong", { text: partName(image.body_part.label) }), ` (${percent(image.body_part.probabilities[image.body_part.label])})`),
       probabilityBar(image.fracture),
       findingBadge(image.fracture.finding),
     );
