@@ -248,3 +248,69 @@ def test_a_new_event_loop_gets_its_own_serving_task():
         assert asyncio.run(asyncio.wait_for(batcher.submit(["b"]), 10)) == ["result of b"]
     finally:
         old.close()
+
+
+def _logger_states() -> dict:
+    import logging
+
+    loggers = logging.Logger.manager.loggerDict.values()
+    return {lg: (lg.disabled, lg.propagate) for lg in loggers if isinstance(lg, logging.Logger)}
+
+
+def _restore_loggers(states: dict) -> None:
+    for lg, (disabled, propagate) in states.items():
+        lg.disabled, lg.propagate = disabled, propagate
+
+
+class _FailingBatcher:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def submit(self, items):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [(RuntimeError("model exploded"), 500, "internal"), (Overloaded("waited 31 s"), 503, "overloaded")],
+)
+def test_predict_batch_answers_a_fault_with_a_5xx_and_the_request_id(error, status, code):
+    """The /predict_batch method itself (BentoML's wrapper bypassed): our own fault is one 5xx
+    with the request id, not a 200 of per-item errors; shedding is a 503 'overloaded'."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    before = _logger_states()  # importing BentoML's service machinery reconfigures logging
+
+    from bonefrac.inference import Views
+    from bonefrac.serving import service, uploads
+    from bonefrac.serving.predictor import Predictor
+
+    _restore_loggers(before)
+    view = Views({"k": np.zeros((1, 4, 4, 3), np.uint8)})
+    fake = SimpleNamespace(
+        refusal=None,
+        decoder=ThreadPoolExecutor(1),
+        _decode_batch=lambda images: [view for _ in images],
+        predictor=SimpleNamespace(merge_batch=Predictor.merge_batch),
+        batcher=_FailingBatcher(error),
+    )
+    method = service.BonefracService.apis["predict_batch"].func
+
+    async def call():
+        uploads.request_id.set("rid-42")
+        return await method(fake, ["a", "b"])
+
+    try:
+        response = asyncio.run(call())
+    finally:
+        fake.decoder.shutdown()
+    assert response.status_code == status
+    body = json.loads(response.body)
+    assert body["error"]["code"] == code
+    if code == "internal":
+        assert "request id rid-42" in body["error"]["message"]
+        assert "exploded" not in body["error"]["message"]  # logged, never sent

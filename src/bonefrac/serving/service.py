@@ -287,10 +287,12 @@ class BonefracService:
             return self.predictor.merge_batch(decoded, await self.batcher.submit(views))
         except Overloaded as exc:
             return error_response("overloaded", f"the server is busy: {exc}; try again later", 503)
-        except Exception:
-            logger.exception("predict_batch: internal error")
-            failed = {"error": {"code": "internal", "message": "the server failed on this batch"}}
-            return [failed for _ in images]
+        except Exception:  # a fault of ours: a 5xx with the request id (invariant 6)
+            rid = uploads.request_id.get()
+            logger.exception("predict_batch: internal error (request %s)", rid)  # no payload
+            return error_response(
+                "internal", f"the server failed on this request (request id {rid})", 500
+            )
 
     def _decode_batch(self, images: list[Path]) -> list:
         return self.predictor.decode_batch([path.read_bytes() for path in images])
