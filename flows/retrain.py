@@ -259,8 +259,9 @@ def _report(
         + (f" (p = {drift['p_value']:.3g})" if "p_value" in drift else ""),
         f"- preprocess / PCA: {'cached' if pca.get('skipped') else 'fitted'}; "
         f"PCA explained variance {pca.get('explained_variance', float('nan')):.2f}",
-        f"- body part accuracy {metrics.get('body_part_accuracy', float('nan')):.3f}; "
-        f"end-to-end study kappa {metrics.get('end_to_end_study_kappa', float('nan')):.3f}",
+        f"- body part accuracy {_number(metrics.get('body_part_accuracy'))}; "
+        f"end-to-end study kappa {_number(metrics.get('end_to_end_study_kappa'))}"
+        f" (target-part studies abstained: {_number(metrics.get('end_to_end_study_abstained'))})",
         f"- Bento: `{packaged.get('bento_tag')}` (model `{packaged.get('model_tag')}`)",
         "",
         "| model | version | gate metric | value | Δ (lower bound) | test | promoted | reason |",
