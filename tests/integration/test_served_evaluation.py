@@ -3,8 +3,9 @@
 On the flow's own run (the `pipeline_run` fixture, shared with the other integration tests):
 the bundle the flow packaged into the BentoML store is loaded by the service's Predictor, every
 test study is sent to `predict_study` as its image files, and the answers are scored here with
-scikit-learn. The evaluate stage's study kappa, its decided-only kappa, its answer shares and
-its MURA submission must equal what the service says."""
+scikit-learn. The evaluate stage's study kappa, its decided-only kappa, its answer shares, its
+abstentions, its count of MURA's other parts recognised as out of scope and its MURA submission
+must equal what the service says."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def _packaged_bundle(project: Path, summary: dict) -> Path:
 @pytest.fixture(scope="module")
 def served(pipeline_run):
     """Every test study as the service answers it (allow_ood, so a study the OOD gate would
-    refuse still shows its probability; `accepted` says whether the gate would let it in)."""
+    refuse still shows its probability; `accepted` says whether the gate would let it in).
+    `scope` is the study's part in the manifest: "target" (elbow, hand, shoulder) or "other";
+    `judged` whether a fracture model answered (false: routed out of scope, no probability)."""
     from bonefrac.cache import load_cache
     from bonefrac.data.mura import find_mura_root
     from bonefrac.serving.predictor import Predictor
@@ -56,11 +59,17 @@ def served(pipeline_run):
         files = [(data_dir / path).read_bytes() for path in images["path"]]
         result = predictor.predict_study(files, allow_ood=True)
         fracture = result["fracture"]
+        judged = fracture["probability"] is not None
+        assert judged == result["body_part"]["covered"]
+        assert judged or fracture["finding"] == "out_of_scope"
         rows.append(
             {
                 "study_path": images["study_path"].iloc[0],
+                "scope": images["scope"].iloc[0],
                 "label": int(images["label"].iloc[0]),
-                "prediction": int(fracture["probability"] >= fracture["threshold"]),
+                "judged": judged,
+                # the MURA submission says 0 for a study no fracture model judged
+                "prediction": int(judged and fracture["probability"] >= fracture["threshold"]),
                 "answer": fracture["finding"] if result["quality"]["accepted"] else "refused",
             }
         )
@@ -68,10 +77,13 @@ def served(pipeline_run):
 
 
 def test_evaluated_study_kappa_is_the_services_kappa_over_every_test_study(served):
-    settings, _, _, studies = served
+    settings, _, _, served_studies = served
     report = json.loads((settings.layout.evaluation / "metrics.json").read_text())["end_to_end"]
-    assert report["study"]["n"] == len(studies) > 0
-    kappa = cohen_kappa_score(studies["label"], studies["prediction"])
+    studies = served_studies[served_studies["scope"] == "target"]
+    judged = studies[studies["judged"]]
+    assert report["study"]["n"] == len(judged) > 0
+    assert report["study_abstained"] == pytest.approx(1 - len(judged) / len(studies))
+    kappa = cohen_kappa_score(judged["label"], judged["prediction"])
     if np.isnan(kappa):
         assert report["study"]["kappa"] is None
     else:
@@ -85,12 +97,18 @@ def test_evaluated_study_kappa_is_the_services_kappa_over_every_test_study(serve
         expected = cohen_kappa_score(decided["label"], said_fracture)
         assert report["study_decided"]["kappa"] == pytest.approx(expected, abs=1e-12)
     shares = studies["answer"].value_counts(normalize=True)
-    for answer in ("fracture", "no_fracture", "uncertain", "refused"):
+    for answer in ("fracture", "no_fracture", "uncertain", "out_of_scope", "refused"):
         assert report["study_answers"][answer] == pytest.approx(shares.get(answer, 0.0))
+
+    other = served_studies[served_studies["scope"] == "other"]
+    assert report["other_parts"]["n_studies"] == len(other) > 0
+    # recognised = sent to no fracture model (refused by the OOD gate or not)
+    assert report["other_parts"]["study_recognised"] == pytest.approx((~other["judged"]).mean())
 
 
 def test_submission_says_what_the_service_says_study_by_study(served):
-    settings, _, _, studies = served
+    settings, _, _, served_studies = served
+    studies = served_studies[served_studies["scope"] == "target"]  # MURA's other parts: none
     submission = read_submission(settings.layout.evaluation / "submission.csv")
     paths = studies["study_path"].where(
         studies["study_path"].str.endswith("/"), studies["study_path"] + "/"

@@ -78,7 +78,8 @@ def test_fracture_metrics_are_computed_at_both_levels_with_cis(trained):
 def test_submission_matches_the_test_studies(trained):
     settings, _, _ = trained
     index = pd.read_csv(settings.layout.preprocessed / "index.csv")
-    test_studies = set(index.loc[index["split"] == "test", "study_path"])
+    covered = index["scope"] == "target"  # MURA's other parts get no fracture finding
+    test_studies = set(index.loc[(index["split"] == "test") & covered, "study_path"])
     submission = read_submission(settings.layout.evaluation / "submission.csv")
     assert set(submission) == test_studies
     assert set(submission.values()) <= {0, 1}
@@ -86,6 +87,41 @@ def test_submission_matches_the_test_studies(trained):
     assert first.startswith("MURA-v1.1/valid/") and first[-3:] in {"/,0", "/,1"}
     table = (settings.layout.evaluation / "comparison.md").read_text()
     assert "SYNTHETIC" in table and "PCA + logistic regression" in table
+
+
+def test_other_parts_train_only_the_body_part_model_and_are_reported(trained):
+    """MURA's other parts (synthetic wrist, finger, forearm, humerus) are the body-part model's
+    fourth class; the fracture models and the PCA baseline never see them; the end-to-end
+    evaluation reports how many of their test studies were recognised as out of scope."""
+    settings, _, _ = trained
+    index = pd.read_csv(settings.layout.preprocessed / "index.csv")
+    other = index["scope"] == "other"
+    assert set(index.loc[other, "body_part"]) == {"wrist", "finger", "forearm", "humerus"}
+    meta = {
+        name: json.loads((settings.layout.models / name / "meta.json").read_text())
+        for name in MODELS
+    }
+    assert meta["body_part"]["classes"] == ["elbow", "hand", "shoulder", "other"]
+    assert meta["body_part"]["n_train"] == int((index["split"] == "train").sum())
+    for part in ("elbow", "hand", "shoulder"):
+        own = (index["split"] == "train") & (index["body_part"] == part)
+        assert meta[part]["n_train"] == int(own.sum())
+    baseline = pd.read_csv(settings.layout.pca / "baseline_predictions.csv")
+    assert set(baseline["body_part"]) == {"elbow", "hand", "shoulder"}
+    report = json.loads((settings.layout.evaluation / "metrics.json").read_text())
+    other_test = index[other & (index["split"] == "test")]
+    reported = report["end_to_end"]["other_parts"]
+    assert reported["n_images"] == len(other_test) > 0
+    assert reported["n_studies"] == other_test["study_id"].nunique()
+    assert 0 <= reported["study_recognised"] <= 1
+    target_test = index[~other & (index["split"] == "test")]
+    assert (
+        report["end_to_end"]["study"]["n"]
+        + round(report["end_to_end"]["study_abstained"] * target_test["study_id"].nunique())
+        == target_test["study_id"].nunique()
+    )
+    text = (settings.layout.evaluation / "body_part" / "classification_report.txt").read_text()
+    assert "other" in text
 
 
 def test_mlflow_holds_params_metrics_and_artifacts(trained):

@@ -5,16 +5,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bonefrac import DISCLAIMER
 
 
-def write_submission(study_frame: pd.DataFrame, path: Path, threshold: float) -> Path:
-    """The official MURA submission: `study path/,0|1` a line, no header, order as given."""
+def write_submission(study_frame: pd.DataFrame, path: Path, threshold: float | np.ndarray) -> Path:
+    """The official MURA submission: `study path/,0|1` a line, no header, order as given.
+    MURA's format has no abstention: a study no fracture model judged (routed out of scope,
+    probability NaN) is written 0, and the evaluation reports those as abstained."""
     paths = study_frame["study_path"].astype(str)
     paths = paths.where(paths.str.endswith("/"), paths + "/")
-    predictions = (study_frame["prob"].to_numpy(dtype=float) >= threshold).astype(int)
+    prob = study_frame["prob"].to_numpy(dtype=float)
+    judged = ~np.isnan(prob)
+    predictions = np.zeros(len(prob), dtype=int)
+    predictions[judged] = prob[judged] >= np.broadcast_to(threshold, prob.shape)[judged]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{p},{y}\n" for p, y in zip(paths, predictions, strict=True)))
