@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -160,8 +161,9 @@ def generate(
     `patients` is per body part in train; valid gets half (at least 2). Each patient has 1-3
     studies of 1-4 images. `extra_parts` adds parts outside the project's three (MURA's other
     parts, which the body-part model's "other" class learns; or to test readers' filtering),
-    `extra_patients` each (default: `patients`). The dataset is built in a hidden sibling folder and renamed into
-    place at the end, so an interrupted run never leaves a half-written MURA-v1.1.
+    `extra_patients` each (default: `patients`). The dataset is built in a hidden sibling
+    folder and renamed into place at the end, so an interrupted run never leaves a
+    half-written MURA-v1.1.
     """
     out = Path(out)
     all_parts = list(dict.fromkeys([*parts, *extra_parts]))  # keeps order, drops repeats
@@ -217,7 +219,18 @@ def _write_dataset(root: Path, studies: list[_Study], seed: int, size: int) -> N
             image_lines[study.split].append(f"{study.folder}image{image_number}.png")
             views.append((study, image_number))
 
+    failed = threading.Event()  # set by the first error: queued views then do no work
+
     def write_view(view: tuple[_Study, int]) -> None:
+        if failed.is_set():
+            return
+        try:
+            _render_and_write(view)
+        except BaseException:
+            failed.set()
+            raise
+
+    def _render_and_write(view: tuple[_Study, int]) -> None:
         study, image_number = view
         # Seeded by the image's place in the dataset, not by a shared running generator.
         place = [study.split, study.part, study.patient, study.number, image_number]
@@ -232,7 +245,9 @@ def _write_dataset(root: Path, studies: list[_Study], seed: int, size: int) -> N
         for _ in pool.map(write_view, views):
             pass  # iterating re-raises the first error from any thread
     finally:
-        # On an error or Ctrl-C, drop the queued images instead of rendering them all first.
+        # On an error or Ctrl-C, drop the queued images instead of rendering them all first
+        # (cancel what is queued; a view a thread already took returns at once).
+        failed.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
     for split in SPLITS:
