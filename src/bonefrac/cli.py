@@ -555,7 +555,9 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, bundle
 @_AGE_GROUP_OPTION
 @click.option(
     "--body-part",
-    type=click.Choice(["elbow", "hand", "shoulder", "wrist", "finger", "forearm", "humerus", "other"]),
+    type=click.Choice(
+        ["elbow", "hand", "shoulder", "wrist", "finger", "forearm", "humerus", "other"]
+    ),
     default=None,
     help="The part imaged (default: the model decides). One the models do not cover answers "
     "out_of_scope; one the model disagrees with is flagged and the finding is uncertain.",

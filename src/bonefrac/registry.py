@@ -18,7 +18,6 @@ from dataclasses import replace
 import numpy as np
 
 from bonefrac.config import PreprocessConfig, Settings, body_part_class, body_part_classes
-from bonefrac.data.mura import body_part_name
 from bonefrac.errors import DataError, UserError
 from bonefrac.gate import GATE_SPLIT, Champion, Decision, Scored, decide
 from bonefrac.models import BODY_PART_MODEL

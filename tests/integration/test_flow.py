@@ -88,6 +88,9 @@ def test_first_run_registers_four_champions_and_builds_the_bento(pipeline_run):
     assert bentoml.models.get(summary["model_tag"]).info.metadata["synthetic"] is True
     stored = bentoml.models.get(summary["model_tag"])
     bundle = json.loads((Path(stored.path) / "bundle.json").read_text())
+    # the body-part model's classes, "other" last (MURA's uncovered parts), reach serving
+    assert bundle["models"]["body_part"]["classes"] == ["elbow", "hand", "shoulder", "other"]
+    assert bundle["parts"] == ["elbow", "hand", "shoulder"]  # no fracture model for "other"
     for part in ("elbow", "hand", "shoulder"):  # the cut-off and val sensitivity reach serving
         model = bundle["models"][part]
         assert 0 <= model["negative_cutoff"] <= model["threshold"]

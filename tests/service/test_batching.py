@@ -272,7 +272,10 @@ class _FailingBatcher:
 
 @pytest.mark.parametrize(
     ("error", "status", "code"),
-    [(RuntimeError("model exploded"), 500, "internal"), (Overloaded("waited 31 s"), 503, "overloaded")],
+    [
+        (RuntimeError("model exploded"), 500, "internal"),
+        (Overloaded("waited 31 s"), 503, "overloaded"),
+    ],
 )
 def test_predict_batch_answers_a_fault_with_a_5xx_and_the_request_id(error, status, code):
     """The /predict_batch method itself (BentoML's wrapper bypassed): our own fault is one 5xx

@@ -73,9 +73,7 @@ def test_the_models_other_answer_is_out_of_scope_with_generic_guidance(
     assert all(i["fracture"]["finding"] == OUT_OF_SCOPE for i in study["images"])
 
 
-def test_a_stated_part_routes_and_a_disagreeing_model_is_flagged(
-    predictor, good_png, monkeypatch
-):
+def test_a_stated_part_routes_and_a_disagreeing_model_is_flagged(predictor, good_png, monkeypatch):
     data = good_png.read_bytes()
     _four_classes(predictor, monkeypatch, [0.1, 0.1, 0.1, 0.7])  # the model: "other"
     stated = _strict_json(predictor.predict_bytes(data, body_part="XR_Hand"))

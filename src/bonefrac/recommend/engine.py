@@ -129,8 +129,9 @@ def recommend(
     """The sourced recommendation for one model result (pure: same inputs, same output).
 
     `probability` is the model's fracture probability and `threshold` the one the finding was
-    made at (both None for a body part no model covers, which no fracture model judged); "fracture" needs probability >= threshold and "no_fracture" below it. The
-    confidence band comes from the distance to the threshold (see `confidence_band`) unless
+    made at (both None for a body part no model covers, which no fracture model judged);
+    "fracture" needs probability >= threshold and "no_fracture" below it. The confidence band
+    comes from the distance to the threshold (see `confidence_band`) unless
     `band` gives one, e.g. from a calibrated interval; `negative_cutoff` (the bundle's, fitted
     on val) decides which negatives are confident. `context` may say `ood=True` (forces the
     uncertain, radiologist-review guidance), `study_images`, `age_group` (child: paediatric

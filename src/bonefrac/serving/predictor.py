@@ -41,10 +41,10 @@ from bonefrac.errors import DataError, UserError
 from bonefrac.imaging import ImageError, decode, downsample, preprocess
 from bonefrac.inference import (
     OOD_LIMIT,
+    OTHER,
     Decisions,
     OodGate,
     TwoStage,
-    OTHER,
     Views,
     decide,
     route,

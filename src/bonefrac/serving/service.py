@@ -303,7 +303,10 @@ def _routes() -> dict[str, uploads.Route]:
 
     cfg = serve_settings()
     one = int(cfg.max_upload_mb * 1_000_000) + MULTIPART_OVERHEAD
-    options, wait = frozenset({"explain", "allow_ood", "age_group", "body_part"}), cfg.body_timeout_s
+    options, wait = (
+        frozenset({"explain", "allow_ood", "age_group", "body_part"}),
+        cfg.body_timeout_s,
+    )
     return {
         "/predict": uploads.Route(one, "image", 1, options, wait, "too_many_files"),
         "/predict_study": uploads.Route(
