@@ -207,11 +207,13 @@ def test_a_kept_champion_with_older_preprocessing_is_evaluated_and_served_its_ow
     predictor = Predictor.from_bundle(bundle, warm_up=False)
     assert predictor.runtime_info["name"] == "tensorflow"
     data_dir = find_mura_root(settings.paths.data).parent
-    test = cache.index[cache.index["split"] == "test"]
+    test = cache.index[(cache.index["split"] == "test") & (cache.index["scope"] == "target")]
     labels, predictions = [], []
     for _, images in test.groupby("study_id", sort=False):
         files = [(data_dir / path).read_bytes() for path in images["path"]]
         fracture = predictor.predict_study(files, allow_ood=True)["fracture"]
+        if fracture["probability"] is None:  # routed out of scope: abstained, not scored
+            continue
         labels.append(int(images["label"].iloc[0]))
         predictions.append(int(fracture["probability"] >= fracture["threshold"]))
     # what packaging recorded is what this service answers, study by study
