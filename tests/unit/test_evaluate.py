@@ -455,6 +455,20 @@ def test_submission_round_trips_in_study_order_without_header(tmp_path):
     }
 
 
+def test_submission_uses_each_studys_threshold_and_writes_0_for_an_abstention(tmp_path):
+    """Per-part thresholds (not 0.5); a study routed out of scope (NaN probability, NaN
+    threshold) is 0: MURA's format has no abstention, the evaluation reports it instead."""
+    studies = pd.DataFrame(
+        {
+            "study_path": [f"MURA-v1.1/valid/XR_HAND/p{i}/study1/" for i in range(4)],
+            "prob": [0.35, 0.35, float("nan"), 0.9],
+        }
+    )
+    thresholds = np.array([0.3, 0.4, float("nan"), 0.95])
+    ev.write_submission(studies, tmp_path / "s.csv", thresholds)
+    assert list(ev.read_submission(tmp_path / "s.csv").values()) == [1, 0, 0, 0]
+
+
 def test_comparison_table_formats_cis():
     table = ev.comparison_table(
         [
