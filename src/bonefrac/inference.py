@@ -302,7 +302,8 @@ def decide(
     """Judge each image (groups=None) or each group of images (a study) as the service does.
     Out of scope (routed to OTHER): "out_of_scope", no probability. Otherwise the finding, or
     "uncertain" when an image failed the OOD gate, or the body part is in doubt: the model
-    unsure of it (nothing stated), or a stated part the model disagrees with."""
+    unsure of it (< BODY_PART_MIN_CONFIDENCE, stated or not), or a stated part the model
+    disagrees with."""
     ood = np.asarray(ood, dtype=float)
     if groups is None:
         groups = np.arange(len(ood))
@@ -328,7 +329,9 @@ def decide(
     else:
         said = routed.stated if routed.stated in model.classes else OTHER
         disagrees = model_part != said
-        part_sure = ~disagrees  # the user named the part: the model only has to agree
+        # the model must agree with the user and be sure of it: a wrist the model half takes
+        # for an elbow must not get the elbow model's confident answer because "elbow" was said
+        part_sure = ~disagrees & confident
     with np.errstate(invalid="ignore"):
         model_finding = np.where(scoped, findings(prob, threshold, band), OUT_OF_SCOPE)
     finding = np.where(accepted & part_sure, model_finding, UNCERTAIN)

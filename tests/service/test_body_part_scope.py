@@ -84,12 +84,21 @@ def test_a_stated_part_routes_and_a_disagreeing_model_is_flagged(predictor, good
     assert any("is not what the model recognised (other)" in n for n in stated["notices"])
     assert stated["recommendation"]["review_by_radiologist"] is True
 
-    # the model agrees, though unsure (0.45 < 0.5): the stated part stands, no forced doubt
+    # the model agrees and is sure (0.6): the stated part's model answers, nothing forced
+    _four_classes(predictor, monkeypatch, [0.2, 0.6, 0.05, 0.15])
+    sure = _strict_json(predictor.predict_bytes(data, body_part="hand"))
+    assert sure["body_part"]["disagrees"] is False and sure["body_part"]["confident"] is True
+    assert sure["fracture"]["finding"] == sure["fracture"]["model_finding"]
+    assert not any("unsure of the body part" in n for n in sure["notices"])
+
+    # the model agrees but is unsure (0.45 < 0.5; "other" 0.3): saying "hand" does not buy
+    # the hand model's answer for what may be a wrist: uncertain, as with nothing stated
     _four_classes(predictor, monkeypatch, [0.2, 0.45, 0.05, 0.3])
     agreed = _strict_json(predictor.predict_bytes(data, body_part="hand"))
     assert agreed["body_part"]["disagrees"] is False and agreed["body_part"]["confident"] is False
-    assert agreed["fracture"]["finding"] == agreed["fracture"]["model_finding"]
-    assert not any("body part is uncertain" in n for n in agreed["notices"])
+    assert agreed["fracture"]["model"] == "hand" and agreed["fracture"]["finding"] == UNCERTAIN
+    assert any("unsure of the body part (most likely hand" in n for n in agreed["notices"])
+    assert agreed["recommendation"]["review_by_radiologist"] is True
     unstated = predictor.predict_bytes(data)  # the same unsure model, no part stated
     assert unstated["fracture"]["finding"] == UNCERTAIN
 
@@ -98,6 +107,8 @@ def test_a_stated_part_routes_and_a_disagreeing_model_is_flagged(predictor, good
     _assert_out_of_scope(wrist)
     assert wrist["body_part"]["disagrees"] is True
     assert wrist["recommendation"]["body_part"] == "wrist"
+    # its notices say no finding was made, not that the finding is "uncertain"
+    assert not any("'uncertain'" in n for n in wrist["notices"])
 
     with pytest.raises(PredictionError) as bad:
         predictor.predict_bytes(data, body_part="knee")
@@ -160,3 +171,25 @@ def test_page_states_the_body_part(browser, server, good_png):  # noqa: F811
     assert "Not assessed" in result.find_element(By.CSS_SELECTOR, "[data-field=probability]").text
     assert "not one the fracture models cover" in result.text
     assert "Disclaimer" in result.text
+
+
+def test_a_bundle_whose_classes_do_not_match_its_body_part_model_is_refused_at_load(
+    bundle_dir, tmp_path
+):
+    """Four class names on a three-output model (a 'other' class named, say, by settings the
+    model was not trained with) would fail every request in the response; load refuses it."""
+    import shutil
+
+    from bonefrac.bundle import BUNDLE_FILE
+    from bonefrac.bundle_integrity import write_manifest
+    from bonefrac.errors import DataError
+    from bonefrac.serving.predictor import Predictor
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    manifest["models"]["body_part"]["classes"] = [*PARTS, OTHER]
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(bundle)
+    with pytest.raises(DataError, match="has 3 outputs but names 4 classes"):
+        Predictor.from_bundle(bundle, warm_up=False, runtime="tensorflow")

@@ -291,12 +291,14 @@ def test_a_stated_part_routes_and_a_disagreeing_model_makes_it_uncertain():
     assert (decisions.finding == inf.UNCERTAIN).all()
     assert decisions.stated == "hand"
 
-    # stated "elbow": images 0 and 3 agree (3 is unsure, but the user named the part)
+    # stated "elbow": images 0 and 3 agree, but 3 is unsure of it: naming the part does not
+    # buy the elbow model's answer for an image the body-part model half takes for another
     decisions = inf.decide(model, inf.route(model, np.arange(4), stated="elbow"), ood)
     assert list(decisions.disagrees) == [False, True, True, False]
-    assert decisions.finding[0] == decisions.model_finding[0]
-    assert decisions.finding[3] == decisions.model_finding[3] != inf.UNCERTAIN
-    assert list(decisions.finding[1:3]) == [inf.UNCERTAIN] * 2
+    assert list(decisions.confident) == [True, True, False, False]
+    assert decisions.finding[0] == decisions.model_finding[0] != inf.UNCERTAIN
+    assert decisions.model_finding[3] != inf.UNCERTAIN
+    assert list(decisions.finding[1:]) == [inf.UNCERTAIN] * 3
 
 
 def test_a_stated_uncovered_part_is_out_of_scope_even_when_the_model_sees_a_covered_one():
@@ -336,6 +338,10 @@ def test_end_to_end_counts_abstentions_and_recognised_other_parts():
     assert list(result.studies["study_id"]) == ["s0", "s1"]  # the target parts' studies
     assert metrics["study"]["n"] == 1  # only s0 was judged
     assert metrics["study_abstained"] == pytest.approx(0.5)
+    # as the MURA submission scores it: both target studies, the abstained s1 as normal (0)
+    judged_right = int(result.studies["prediction"].iloc[0] == 1)
+    assert metrics["study_submission"]["n"] == 2
+    assert metrics["study_submission"]["accuracy"] == pytest.approx((judged_right + 1) / 2)
     assert metrics["study_answers"][inf.OUT_OF_SCOPE] == pytest.approx(0.5)
     assert metrics["study_routing_accuracy"] == pytest.approx(0.5)
     assert metrics["other_parts"] == {

@@ -52,6 +52,7 @@ from bonefrac.inference import (
 )
 from bonefrac.models import BODY_PART_MODEL
 from bonefrac.recommend import load_knowledge, recommend
+from bonefrac.recommend.engine import normalise_body_part
 from bonefrac.runtimes import TENSORFLOW, Loaded
 from bonefrac.serving.responses import (  # noqa: F401 - re-exported: callers and tests use them
     SYNTHETIC_NOTICE,
@@ -120,6 +121,13 @@ class Predictor:
         missing = [c for c in self.classes if c != OTHER and c not in models]
         if missing:
             raise DataError(f"the bundle has no fracture model for {', '.join(missing)}")
+        shape = getattr(models.get(BODY_PART_MODEL), "output_shape", None)  # None: a stand-in
+        width = len(self.classes) if shape is None else int(shape[-1])
+        if width != len(self.classes):  # else every request fails in the response's zip
+            raise DataError(
+                f"the bundle's body-part model has {width} outputs but names "
+                f"{len(self.classes)} classes ({', '.join(self.classes)})"
+            )
         self._keras = models  # Grad-CAM always runs on these (Keras fp32)
         if loaded is None:  # the Keras models themselves
             forward = _keras_forwards(models, manifest)
@@ -435,9 +443,11 @@ class Predictor:
         fracture = result["fracture"]
         context |= {"ood": not result["quality"]["accepted"], "study_images": study_images}
         if fracture["model"] is None:  # out of scope: generic guidance, radiologist review
-            body = result["body_part"]
+            stated = result["body_part"]["stated"]
+            # a stated part the knowledge has an entry for but this bundle has no model for
+            # (a bundle of fewer parts) gets the generic guidance too, never that part's
             rec = recommend(
-                body["stated"] or OTHER,
+                stated if stated and normalise_body_part(stated) is None else OTHER,
                 "uncertain",
                 None,
                 context,

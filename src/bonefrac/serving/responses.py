@@ -104,16 +104,17 @@ def notices(result: dict, synthetic: bool) -> list[str]:
             f"{what} is not one the fracture models cover (elbow, hand, shoulder): no "
             "abnormality finding was made. Have a radiologist report the images."
         )
+    covered = body.get("covered", True)
     if body.get("disagrees"):
         out.append(
             f"The stated body part ({body['stated']}) is not what the model recognised "
-            f"({body['label']}): check the image is the intended one. The finding is "
-            "'uncertain' until a radiologist reviews it."
+            f"({body['label']}): check the image is the intended one."
+            + (" The finding is 'uncertain' until a radiologist reviews it." if covered else "")
         )
-    elif not body["confident"] and body.get("stated") is None and body.get("covered", True):
+    elif not body["confident"] and covered:
         top = body["probabilities"][body["label"]]
         out.append(
-            f"The body part is uncertain (most likely {body['label']}, probability "
+            f"The model is unsure of the body part (most likely {body['label']}, probability "
             f"{top:.2f} < {BODY_PART_MIN_CONFIDENCE:.2f}), so the finding is 'uncertain'."
         )
     if result.get("views", {}).get("disagree"):
