@@ -175,6 +175,13 @@ def test_batch_and_study_file_counts_are_enforced(server, good_png):
                         ('form-data; name="debug"', b"1"))  # fmt: skip
     assert "unexpected field" in assert_error(post(server, "/predict", unknown), 400,
                                               "bad_request")  # fmt: skip
+    # two statements of the body part are a contradiction, not "the last one wins"
+    twice = multipart(('form-data; name="image"; filename="a"', png),
+                      ('form-data; name="body_part"', b"elbow"),
+                      ('form-data; name="body_part"', b"wrist"))  # fmt: skip
+    assert "'body_part' was sent more than once" in assert_error(
+        post(server, "/predict", twice), 400, "bad_request"
+    )
 
 
 def _raw_exchange(server, head: bytes, body: bytes, wait_s: float = TIMEOUT) -> bytes:

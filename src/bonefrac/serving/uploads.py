@@ -73,6 +73,7 @@ class FormRewriter:
         self.route = route
         self.out = bytearray()
         self.files = self.texts = 0
+        self.text_names: set[str] = set()  # a field sent twice (two body parts) is refused
         self.header_bytes = 0
         self.text_bytes = 0
         self.current: str | None = None  # "file" | "text" while inside a part
@@ -169,6 +170,9 @@ class FormRewriter:
             self.texts += 1
             if self.texts > MAX_TEXT_FIELDS:
                 raise self._bad("the request has too many form fields")
+            if field in self.text_names:
+                raise self._bad(f"the form field '{field}' was sent more than once")
+            self.text_names.add(field)
             self.current, self.text_bytes = "text", 0
             disposition = f'form-data; name="{field}"'
             content_type = "text/plain; charset=utf-8"
