@@ -228,7 +228,9 @@ def service_overhead(predictor, image: bytes, repeat: int) -> dict:
     from bonefrac.runtimes import Loaded
     from bonefrac.serving.predictor import Predictor
 
-    outputs = {n: (3 if n == "body_part" else 1) for n in predictor.manifest["models"]}
+    outputs = {
+        n: (len(predictor.classes) if n == "body_part" else 1) for n in predictor.manifest["models"]
+    }
     free = {n: (lambda x, k=k: np.full((len(x), k), 1 / k, np.float32)) for n, k in outputs.items()}
     stub = Predictor(
         predictor.manifest,

@@ -101,7 +101,14 @@ def package_champions(
             else:
                 # "other" comes last, so a champion from before it existed keeps its order
                 width = int(model.output_shape[-1])
-                versions[name]["classes"] = body_part_classes(settings.data)[:width]
+                classes = body_part_classes(settings.data)
+                if width > len(classes):  # e.g. data.other_parts emptied, 4-class champion kept
+                    raise DataError(
+                        f"the body-part champion ({champion.name} v{champion.version}) has "
+                        f"{width} classes but the settings name {len(classes)} "
+                        f"({', '.join(classes)}); restore data.other_parts or retrain it"
+                    )
+                versions[name]["classes"] = classes[:width]
         bundle = write_bundle(
             tmp / "bundle",
             settings,  # the bundle-level preprocessing: the OOD gate's, fitted in this run
@@ -205,6 +212,10 @@ def record_served_evaluation(bundle: Path, settings: Settings, cache) -> dict:
     )
     served = {"runtime": runtime} | {
         level: {k: result.metrics[level].get(k) for k in ("n", "kappa", "auroc", "accuracy")}
+        | {
+            "abstained": result.metrics[f"{level}_abstained"],
+            "submission_kappa": result.metrics[f"{level}_submission"]["kappa"],
+        }
         for level in ("image", "study")
     }
     manifest = read_bundle(bundle)
