@@ -104,7 +104,9 @@ def results_table(summary: dict, parts: list[str], synthetic: bool) -> str:
         lines.append(
             "other parts (wrist, finger, forearm, humerus) recognised as out of scope: "
             f"{_number(recognised)} of test studies; target-part studies abstained: "
-            f"{_number(metrics.get('end_to_end_study_abstained'))}"
+            f"{_number(metrics.get('end_to_end_study_abstained'))} (kappa with those as "
+            f"normal, as MURA scores a submission: "
+            f"{_number(metrics.get('end_to_end_study_submission_kappa'))})"
         )
     return "\n".join(lines)
 

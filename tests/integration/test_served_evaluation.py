@@ -83,6 +83,11 @@ def test_evaluated_study_kappa_is_the_services_kappa_over_every_test_study(serve
     judged = studies[studies["judged"]]
     assert report["study"]["n"] == len(judged) > 0
     assert report["study_abstained"] == pytest.approx(1 - len(judged) / len(studies))
+    # every target study as the MURA submission scores it (abstained: 0)
+    assert report["study_submission"]["n"] == len(studies)
+    submitted = cohen_kappa_score(studies["label"], studies["prediction"])
+    if not np.isnan(submitted):
+        assert report["study_submission"]["kappa"] == pytest.approx(submitted, abs=1e-12)
     kappa = cohen_kappa_score(judged["label"], judged["prediction"])
     if np.isnan(kappa):
         assert report["study"]["kappa"] is None
@@ -163,6 +168,7 @@ def test_bundle_records_what_its_default_runtime_answers_on_the_test_split(pipel
     for level in ("image", "study"):
         for key in ("kappa", "auroc", "n"):
             assert again.metrics[level][key] == pytest.approx(recorded[level][key], abs=1e-9)
+        assert recorded[level]["abstained"] == pytest.approx(again.metrics[f"{level}_abstained"])
 
 
 def test_a_kept_champion_with_older_preprocessing_is_evaluated_and_served_its_own_way(

@@ -478,14 +478,19 @@ def test_comparison_table_formats_cis():
                 "study_kappa": 0.8123,
                 "study_kappa_ci": (0.751, 0.862),
                 "study_auroc": 0.9,
+                "study_abstained": 0.05,
+                "study_submission_kappa": 0.7666,
             },
             {"model": "PCA + logistic regression", "study_kappa": None},
         ]
     )
     lines = table.splitlines()
-    assert lines[0] == "| Model | Body-part accuracy | Study kappa | Study AUROC |"
-    assert lines[2] == "| ResNet50 | 0.98 | 0.81 (0.75–0.86) | 0.90 |"
-    assert lines[3] == "| PCA + logistic regression | — | — | — |"
+    assert lines[0] == (
+        "| Model | Body-part accuracy | Study kappa | Study AUROC | Studies abstained "
+        "| Kappa, abstained as normal |"
+    )
+    assert lines[2] == "| ResNet50 | 0.98 | 0.81 (0.75–0.86) | 0.90 | 0.05 | 0.77 |"
+    assert lines[3] == "| PCA + logistic regression | — | — | — | — | — |"
 
 
 def test_model_card_has_disclaimer_metrics_and_limitations():

@@ -178,8 +178,14 @@ def _level(level: str, units: pd.DataFrame, cfg: EvaluateConfig) -> dict:
     """Metrics of one level: every unit a fracture model judged, at its part's threshold (with
     patient-bootstrap CIs; each row is one unit, so the bootstrap runs at "image" level over
     these rows), the decided units alone, the share of each answer and of abstentions (units
-    routed to no fracture model)."""
+    routed to no fracture model). `{level}_submission` scores every unit as the MURA
+    submission does, an abstention as normal (0): a model cannot raise its kappa by sending
+    hard studies out of scope without that kappa showing it."""
     judged = units[units["part"] != OTHER]
+    abstained = (units["part"] == OTHER).to_numpy()
+    as_submitted = np.where(abstained, 0.0, units["prob"].to_numpy(dtype=float))
+    at = np.where(abstained, 0.5, units["threshold"].to_numpy(dtype=float))
+    submission = binary_metrics(units["label"], as_submitted, at)
     threshold = judged["threshold"].to_numpy()
     decided = units[units["answer"].isin([FRACTURE, NO_FRACTURE])]
     intervals = bootstrap_ci(judged, threshold, cfg.bootstrap_samples, cfg.seed, level="image")
@@ -187,6 +193,7 @@ def _level(level: str, units: pd.DataFrame, cfg: EvaluateConfig) -> dict:
     return {
         level: binary_metrics(judged["label"], judged["prob"], threshold),
         f"{level}_abstained": 1 - len(judged) / len(units) if len(units) else None,
+        f"{level}_submission": {k: submission.get(k) for k in ("n", "kappa", "accuracy")},
         f"{level}_ci": {k: (list(v) if v else None) for k, v in intervals.items()},
         f"{level}_decided": {
             **binary_metrics(decided["label"], decided["prob"], decided["threshold"].to_numpy()),

@@ -44,6 +44,10 @@ COMPARISON_COLUMNS = (
     ("body_part_accuracy", "Body-part accuracy"),
     ("study_kappa", "Study kappa"),
     ("study_auroc", "Study AUROC"),
+    # end to end: the share of target-part studies sent out of scope, and the kappa with
+    # those scored normal (0) as in the MURA submission; "—" for per-part models
+    ("study_abstained", "Studies abstained"),
+    ("study_submission_kappa", "Kappa, abstained as normal"),
 )
 
 

@@ -184,6 +184,8 @@ def run_evaluate_stage(settings: Settings) -> EvaluationSummary:
             "study_kappa_ci": end_to_end["study_ci"].get("kappa"),
             "study_auroc": end_to_end["study"]["auroc"],
             "study_auroc_ci": end_to_end["study_ci"].get("auroc"),
+            "study_abstained": end_to_end["study_abstained"],
+            "study_submission_kappa": end_to_end["study_submission"]["kappa"],
         }
     ]
     rows += [evaluations[p].comparison_row(f"ResNet50 fracture, {p}") for p in parts]
@@ -298,6 +300,7 @@ def _headline(results: dict, parts: list[str], synthetic: bool) -> dict:
         "routing_accuracy": results["end_to_end"]["routing_accuracy"],
         # target-part studies the body-part model sent to "other": no finding (abstained)
         "end_to_end_study_abstained": results["end_to_end"]["study_abstained"],
+        "end_to_end_study_submission_kappa": results["end_to_end"]["study_submission"]["kappa"],
         # MURA's other parts recognised as out of scope (None: no other parts in the data)
         "other_parts_study_recognised": results["end_to_end"]["other_parts"]["study_recognised"],
     }
