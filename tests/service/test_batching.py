@@ -258,8 +258,14 @@ def _logger_states() -> dict:
 
 
 def _restore_loggers(states: dict) -> None:
-    for lg, (disabled, propagate) in states.items():
-        lg.disabled, lg.propagate = disabled, propagate
+    """Loggers as they were; one created during the import (bonefrac.serving, first made by
+    the modules BentoML's configuration then disabled) as a new logger is: on, propagating,
+    so later tests' caplog still sees it."""
+    import logging
+
+    for lg in logging.Logger.manager.loggerDict.values():
+        if isinstance(lg, logging.Logger):
+            lg.disabled, lg.propagate = states.get(lg, (False, True))
 
 
 class _FailingBatcher:

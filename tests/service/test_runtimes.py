@@ -243,8 +243,13 @@ def test_auto_picks_the_fastest_gated_runtime_and_old_bundles_stay_on_tensorflow
 
 
 def test_openvino_that_cannot_compile_falls_back_to_tensorflow_with_one_log_line(
-    optimized, gate_data, tmp_path, caplog
+    optimized, gate_data, tmp_path, caplog, monkeypatch
 ):
+    # a logging configuration run in this process by an earlier test (BentoML's, Prefect's
+    # dictConfig) may have disabled the logger or stopped it propagating to caplog's handler
+    serving_logger = logging.getLogger("bonefrac.serving")
+    monkeypatch.setattr(serving_logger, "disabled", False)
+    monkeypatch.setattr(serving_logger, "propagate", True)
     broken = tmp_path / "bundle"
     shutil.copytree(optimized, broken)
     (broken / "hand" / "openvino_fp32.xml").write_text("<net>not a model</net>")
