@@ -171,7 +171,9 @@ class FormRewriter:
             if self.texts > MAX_TEXT_FIELDS:
                 raise self._bad("the request has too many form fields")
             if field in self.text_names:
-                raise self._bad(f"the form field '{field}' was sent more than once")
+                raise Refusal(
+                    400, "bad_request", f"the form field '{field}' was sent more than once"
+                )
             self.text_names.add(field)
             self.current, self.text_bytes = "text", 0
             disposition = f'form-data; name="{field}"'
