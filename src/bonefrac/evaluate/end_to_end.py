@@ -182,10 +182,8 @@ def _level(level: str, units: pd.DataFrame, cfg: EvaluateConfig) -> dict:
     submission does, an abstention as normal (0): a model cannot raise its kappa by sending
     hard studies out of scope without that kappa showing it."""
     judged = units[units["part"] != OTHER]
-    abstained = (units["part"] == OTHER).to_numpy()
-    as_submitted = np.where(abstained, 0.0, units["prob"].to_numpy(dtype=float))
-    at = np.where(abstained, 0.5, units["threshold"].to_numpy(dtype=float))
-    submission = binary_metrics(units["label"], as_submitted, at)
+    # `prediction` is the served 0/1, already 0 for a unit routed out of scope
+    submission = binary_metrics(units["label"], units["prediction"].astype(float), 0.5)
     threshold = judged["threshold"].to_numpy()
     decided = units[units["answer"].isin([FRACTURE, NO_FRACTURE])]
     intervals = bootstrap_ci(judged, threshold, cfg.bootstrap_samples, cfg.seed, level="image")

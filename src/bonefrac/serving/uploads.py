@@ -72,7 +72,7 @@ class FormRewriter:
     def __init__(self, boundary: bytes, route: Route) -> None:
         self.route = route
         self.out = bytearray()
-        self.files = self.texts = 0
+        self.files = 0
         self.text_names: set[str] = set()  # a field sent twice (two body parts) is refused
         self.header_bytes = 0
         self.text_bytes = 0
@@ -167,14 +167,13 @@ class FormRewriter:
             disposition = f'form-data; name="{field}"; filename="upload"'
             content_type = "application/octet-stream"
         elif field in route.text_fields:
-            self.texts += 1
-            if self.texts > MAX_TEXT_FIELDS:
-                raise self._bad("the request has too many form fields")
             if field in self.text_names:
                 raise Refusal(
                     400, "bad_request", f"the form field '{field}' was sent more than once"
                 )
             self.text_names.add(field)
+            if len(self.text_names) > MAX_TEXT_FIELDS:
+                raise self._bad("the request has too many form fields")
             self.current, self.text_bytes = "text", 0
             disposition = f'form-data; name="{field}"'
             content_type = "text/plain; charset=utf-8"
