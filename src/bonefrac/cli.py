@@ -108,7 +108,7 @@ def manifest(ctx: click.Context, data: Path | None, out: Path | None) -> None:
 @click.option(
     "--patients",
     type=click.IntRange(min=2),
-    default=24,
+    default=40,
     show_default=True,
     help="Patients per body part and MURA split (train gets this many, valid half).",
 )

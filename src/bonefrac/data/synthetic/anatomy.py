@@ -86,11 +86,11 @@ def _elbow(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Dra
 def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Drawing]:
     """PA hand: forearm bones at the bottom, a cluster of carpals, then five rays of
     metacarpals and phalanges fanning upwards, the thumb off to the side."""
-    wrist = _p(128 + rng.normal(0, 5), 200 + rng.normal(0, 5))
+    wrist = _p(128 + rng.normal(0, 5), 165 + rng.normal(0, 5))
     spread = rng.uniform(0.8, 1.3)  # fingers together or splayed
     # Distal radius and metacarpal (boxer's) fractures, the commonest hand-film fractures; a
     # phalanx is left out because at 64 px it is a few pixels wide.
-    broken = rng.choice(["radius", "metacarpal"]) if fracture else None
+    broken = rng.choice(["radius", "metacarpal"], p=[0.8, 0.2]) if fracture else None
     broken_ray = int(rng.integers(1, 5))
 
     tissue.ellipse(wrist + _p(0, -42), (60, 55), 0, 1.0)
@@ -102,7 +102,7 @@ def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Draw
             wrist + _p(-22, 160),
             rng.uniform(26, 32),
             rng,
-            fracture_at=rng.uniform(0.2, 0.45) if broken == "radius" else None,
+            fracture_at=rng.uniform(0.08, 0.25) if broken == "radius" else None,
             tissue=tissue,
         ),
         _long_bone(wrist + _p(22, 20), wrist + _p(24, 160), rng.uniform(17, 21), rng),
@@ -121,6 +121,7 @@ def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Draw
         (20, [52, 30, 19, 15], 10.0),
     )
     for index, (angle, lengths, width) in enumerate(rays):  # index 1-4: the breakable rays
+        lengths = [0.85 * length for length in lengths]  # the whole hand fits above the wrist
         direction = _rotate(_p(0, -1), angle * spread + rng.normal(0, 3))
         is_thumb = index == 0
         base = wrist + _p((index - 2) * 11 - 14 * is_thumb, -24 + 12 * is_thumb)
@@ -150,7 +151,7 @@ def _shoulder(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_
     and faint ribs towards the chest, the clavicle and acromion across the top."""
     head = _p(150 + rng.normal(0, 6), 125 + rng.normal(0, 6))
     radius = rng.uniform(38, 46)
-    broken = rng.choice(["neck", "clavicle"], p=[0.6, 0.4]) if fracture else None
+    broken = rng.choice(["neck", "clavicle"], p=[0.8, 0.2]) if fracture else None
 
     tissue.ellipse(head + _p(-5, 40), (100, 150), 0, 1.0)
     tissue.polygon([_p(-80, 40), _p(120, 30), _p(120, 340), _p(-80, 340)], 1.0)

@@ -193,8 +193,8 @@ def _long_bone(
     across = _normal(direction)
     break_point = start + axis * fracture_at
     side = rng.choice([-1.0, 1.0])
-    shift = across * side * width * rng.uniform(0.6, 0.95) + direction * width * rng.uniform(0, 0.3)
-    tilt = side * rng.uniform(15, 32)
+    shift = across * side * width * rng.uniform(0.9, 1.3) + direction * width * rng.uniform(0, 0.3)
+    tilt = side * rng.uniform(20, 40)
     fragment_start = break_point + shift
     fragment_end = fragment_start + _rotate(end - break_point, tilt)
     # A zig-zag across the full width and past the cortex, like a comminuted break line.
@@ -203,11 +203,11 @@ def _long_bone(
         break_point + across * s * width + direction * rng.uniform(-0.3, 0.3) * width for s in steps
     ]
     if tissue is not None:  # haematoma: the limb's outline bulges around the break
-        tissue.ellipse(break_point + shift / 2, (width * 1.6, width * 1.2), 0, 1.0)
+        tissue.ellipse(break_point + shift / 2, (width * 2.2, width * 1.6), 0, 1.0)
     return _Bone(
         shafts=[
             _Shaft(start, break_point, width, round_end=False),
             _Shaft(fragment_start, fragment_end, width, round_start=False),
         ],
-        fracture_lines=[(zigzag, max(9.0, width * 0.45))],
+        fracture_lines=[(zigzag, max(12.0, width * 0.6))],
     )
