@@ -63,6 +63,7 @@ def body_part_name(part: str) -> str:
     return part.removeprefix("XR_").lower()
 
 
+BODY_PART_MODEL = "body_part"  # the model that names the part (the others: one per part)
 OTHER = "other"  # the body-part model's class for MURA parts without a fracture model
 OTHER_PARTS = ("XR_FINGER", "XR_FOREARM", "XR_HUMERUS", "XR_WRIST")
 
@@ -201,6 +202,32 @@ class TrainConfig(_Section):
     # order (tf.config.experimental.enable_op_determinism; cost measured in docs/training.md).
     deterministic: bool = True
     seed: int = 42
+    # The body-part model's own values for any key above, e.g. {finetune_epochs: 10}:
+    # recognising the part is learned in a few epochs, where a fracture model needs more.
+    body_part: dict[str, Any] = Field(default_factory=dict)
+
+    def for_model(self, name: str) -> TrainConfig:
+        """The settings model `name` trains with: these, with `body_part` applied to the
+        body-part model."""
+        if name != BODY_PART_MODEL or not self.body_part:
+            return self
+        return TrainConfig.model_validate({**self.model_dump(), **self.body_part, "body_part": {}})
+
+    @field_validator("body_part")
+    @classmethod
+    def _body_part_keys(cls, values: dict[str, Any]) -> dict[str, Any]:
+        # not per model: the strategy, op determinism and the precision policy are the
+        # process's, and an override cannot nest
+        allowed = set(cls.model_fields) - {
+            "body_part",
+            "strategy",
+            "deterministic",
+            "mixed_precision",
+        }
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} cannot be set for the body-part model alone")
+        return values
 
     @field_validator("finetune_layers")
     @classmethod
@@ -224,6 +251,14 @@ class TrainConfig(_Section):
                 "jit_compile: true needs deterministic: false (Keras turns XLA off while "
                 "TensorFlow's op determinism is on)"
             )
+        if self.body_part:
+            try:
+                self.for_model(BODY_PART_MODEL)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                message = error["msg"].removeprefix("Value error, ")
+                where = ".".join(["body_part", *(str(part) for part in error["loc"])])
+                raise ValueError(f"{where}: {message}") from None
         return self
 
 

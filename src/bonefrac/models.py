@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bonefrac.config import BODY_PART_MODEL as BODY_PART_MODEL  # re-exported
 from bonefrac.config import TrainConfig
 from bonefrac.errors import UserError
 
@@ -16,7 +17,6 @@ from bonefrac.errors import UserError
 # Our three channels are identical grey copies, so the flip is a no-op and the whole step is
 # a per-channel mean subtraction, which Normalization expresses without a custom layer.
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
-BODY_PART_MODEL = "body_part"
 
 
 def resolve_weights(weights: str) -> str | Path | None:

@@ -494,7 +494,8 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
     with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params(settings.flat())
         tracking.log_data_input(settings, "training", cache.meta.get("key"))
-        result = fit_model(cache, name, parts, settings.train, folder, log_to_mlflow=True)
+        cfg = settings.train.for_model(name)
+        result = fit_model(cache, name, parts, cfg, folder, log_to_mlflow=True)
         result.run_id = run.info.run_id
         _log_training_artifacts(result, folder)
         if settings.tracking.log_models:
@@ -614,7 +615,9 @@ def train_as_worker(settings, names: list[str], role) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=f"bonefrac-{role.task_type}{role.task_index}-"))
     try:
         for name in names:
-            results[name] = fit_model(cache, name, parts, settings.train, scratch / name)
+            results[name] = fit_model(
+                cache, name, parts, settings.train.for_model(name), scratch / name
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results

@@ -59,6 +59,11 @@ def test_relative_paths_resolve_against_params_folder(tmp_path):
         ({"serve": {"port": 0}}, "serve.port"),
         ({"train": {"finetune_layers": -3}}, "train.finetune_layers"),
         ({"train": {"patience": 2, "lr_patience": 2}}, "must exceed lr_patience"),
+        ({"train": {"body_part": {"epochz": 3}}}, "epochz cannot be set for the body-part"),
+        ({"train": {"body_part": {"strategy": "mirrored"}}}, "strategy cannot be set"),
+        ({"train": {"body_part": {"body_part": {}}}}, "body_part cannot be set"),
+        ({"train": {"body_part": {"patience": 1}}}, "body_part: "),
+        ({"train": {"body_part": {"batch_size": 0}}}, "body_part.batch_size: Input should be"),
     ],
 )
 def test_wrong_value_names_the_key_in_one_line(tmp_path, content, message):
@@ -88,7 +93,7 @@ def test_default_recipe_is_the_documented_one(project_root):
     assert recipe.finetune_layers == "all" and recipe.patience > recipe.lr_patience
     quick = load_settings(project_root / "params.yaml", profile="quick", env={}).train
     assert (quick.monitor, quick.lr_factor, quick.rotation_degrees) == ("metric", 0.3, 14.4)
-    assert (quick.patience, quick.lr_patience, quick.finetune_layers) == (4, 3, "all")
+    assert (quick.patience, quick.lr_patience, quick.finetune_layers) == (10, 5, "all")
     # 0 is how older params files wrote "every layer"
     assert TrainConfig(finetune_layers=0).finetune_layers == "all"
     assert TrainConfig(finetune_layers=10).finetune_layers == 10
@@ -114,3 +119,18 @@ def test_flat_view_and_section_hash(project_root):
     assert settings.section_hash("serve") != quick.section_hash("serve")  # allow_unreviewed
     assert settings.section_hash("data") != quick.section_hash("data")
     assert settings.section_hash("train") != quick.section_hash("train")
+
+
+def test_the_body_part_model_trains_with_its_own_values(project_root):
+    """train.body_part applies to the body-part model alone; the fracture models keep the
+    section's values (the quick profile: the body part stops early, fractures get 30 epochs)."""
+    from bonefrac.models import BODY_PART_MODEL
+
+    quick = load_settings(project_root / "params.yaml", profile="quick", env={}).train
+    body_part, hand = quick.for_model(BODY_PART_MODEL), quick.for_model("XR_HAND")
+    assert hand is quick and (hand.finetune_epochs, hand.patience) == (30, 10)
+    assert (body_part.finetune_epochs, body_part.patience, body_part.lr_patience) == (12, 4, 3)
+    # everything not named keeps the section's value, and the override does not nest
+    assert body_part.batch_size == quick.batch_size and body_part.body_part == {}
+    full = load_settings(project_root / "params.yaml", env={}).train
+    assert full.for_model(BODY_PART_MODEL) is full  # nothing set: the same settings

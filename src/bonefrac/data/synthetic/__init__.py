@@ -17,7 +17,7 @@ on:
   carpals close up; finger: one ray of phalanges; forearm: radius and ulna side by side;
   humerus: one thick shaft with its head), as a body-part model's "other" class would need;
 - abnormal studies that show a bold fracture: a dark jagged gap across a large bone (never a
-  phalanx, a few pixels wide at 64 px), the far fragment displaced by most of a shaft width and
+  phalanx, a few pixels wide at 64 px), the far fragment displaced by about a shaft width and
   angulated, and soft-tissue swelling around it. It is local: global brightness statistics do
   not give it away (tested), so a model has to find the break.
 

@@ -88,8 +88,9 @@ def _hand(tissue: _Film, rng: np.random.Generator, fracture: bool) -> list[_Draw
     metacarpals and phalanges fanning upwards, the thumb off to the side."""
     wrist = _p(128 + rng.normal(0, 5), 165 + rng.normal(0, 5))
     spread = rng.uniform(0.8, 1.3)  # fingers together or splayed
-    # Distal radius and metacarpal (boxer's) fractures, the commonest hand-film fractures; a
-    # phalanx is left out because at 64 px it is a few pixels wide.
+    # Distal radius (80%) and metacarpal (boxer's) fractures, the commonest hand-film fractures;
+    # a phalanx is left out because at 64 px it is a few pixels wide. The wrist sits high enough
+    # that a distal radius break 1-4 cm above the joint is inside the film.
     broken = rng.choice(["radius", "metacarpal"], p=[0.8, 0.2]) if fracture else None
     broken_ray = int(rng.integers(1, 5))
 

@@ -182,9 +182,10 @@ def _long_bone(
 
     The break is drawn with the signs a reader looks for, bold enough to survive downsampling
     to 64 px: a dark jagged gap across the full width, the far fragment displaced sideways by
-    most of a shaft width and angulated, and (when `tissue` is given) soft-tissue swelling
-    around the break. Nothing else in a normal film looks like it: joint spaces are narrower,
-    straight and between rounded ends, so a network must find the break, not count dark pixels.
+    about a shaft width and angulated 20-40 degrees, and (when `tissue` is given) soft-tissue
+    swelling around the break. Nothing else in a normal film looks like it: joint spaces are
+    narrower, straight and between rounded ends, so a network must find the break, not count
+    dark pixels.
     """
     if fracture_at is None:
         return _Bone(shafts=[_Shaft(start, end, width)])
