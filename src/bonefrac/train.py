@@ -491,10 +491,15 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
     folder = staging_dir(settings, parent_run_id) / name
     shutil.rmtree(folder, ignore_errors=True)
     close_lost_attempts(settings, parent_run_id, name)
+    cfg = settings.train.for_model(name)
+    # the run shows the values this model trained with (train.body_part applied), the
+    # override itself kept as train.body_part
+    params = settings.flat()
+    params.update({f"train.{k}": v for k, v in cfg.model_dump(mode="json").items()})
+    params["train.body_part"] = settings.train.body_part
     with mlflow.start_run(run_name=name, tags=tags) as run:
-        mlflow.log_params(settings.flat())
+        mlflow.log_params(params)
         tracking.log_data_input(settings, "training", cache.meta.get("key"))
-        cfg = settings.train.for_model(name)
         result = fit_model(cache, name, parts, cfg, folder, log_to_mlflow=True)
         result.run_id = run.info.run_id
         _log_training_artifacts(result, folder)

@@ -145,6 +145,11 @@ def test_mlflow_holds_params_metrics_and_artifacts(trained):
         # every flattened setting is a param
         assert {k for k in flat} <= set(run.data.params)
         assert run.data.params["train.weights"] == "none"
+        # the values this model trained with: the body-part model's own (train.body_part)
+        used = settings.train.for_model(name)
+        assert run.data.params["train.finetune_epochs"] == str(used.finetune_epochs)
+        assert run.data.params["train.patience"] == str(used.patience)
+        assert len(results[name].history["loss"]) <= used.finetune_epochs
         # what each phase trained (quick profile: no head phase, every layer from scratch)
         meta = json.loads((settings.layout.models / name / "meta.json").read_text())
         assert [p["phase"] for p in meta["phases"]] == ["finetune"]
