@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--lr-patience", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="data seed of the training set")
     parser.add_argument("--held-seed", type=int, default=7)
-    parser.add_argument("--held", type=int, default=30, help="held-out patients (train + valid)")
+    parser.add_argument(
+        "--held", type=int, default=30, help="held-out patients, train folder (+ half in valid)"
+    )
     args = parser.parse_args()
     if args.held_seed == args.seed:
         parser.error("--held-seed must differ from --seed: the held-out set must be new films")
@@ -42,7 +44,7 @@ def main() -> None:
     from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 
     from bonefrac.cache import Cache
-    from bonefrac.config import load_settings
+    from bonefrac.config import TrainConfig, load_settings
     from bonefrac.data.synthetic import generate
     from bonefrac.imaging import preprocess_file
     from bonefrac.train import fit_model
@@ -50,7 +52,8 @@ def main() -> None:
     settings = load_settings(PROJECT / "params.yaml", profile="quick", env={})
     changes = {"finetune_epochs": args.epochs, "patience": args.patience}
     changes["lr_patience"] = args.lr_patience
-    cfg = settings.train.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    changes = {k: v for k, v in changes.items() if v is not None}
+    cfg = TrainConfig.model_validate({**settings.train.model_dump(), **changes})
     work = Path(tempfile.mkdtemp(prefix="synthetic-learning-"))
 
     def draw(seed: int, patients: int) -> tuple[np.ndarray, pd.DataFrame]:

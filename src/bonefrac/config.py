@@ -213,20 +213,23 @@ class TrainConfig(_Section):
             return self
         return TrainConfig.model_validate({**self.model_dump(), **self.body_part, "body_part": {}})
 
+    @field_validator("body_part", mode="before")
+    @classmethod
+    def _body_part_empty(cls, values: Any) -> Any:
+        return {} if values is None else values  # `body_part:` with nothing under it
+
     @field_validator("body_part")
     @classmethod
     def _body_part_keys(cls, values: dict[str, Any]) -> dict[str, Any]:
         # not per model: the strategy, op determinism and the precision policy are the
         # process's, and an override cannot nest
-        allowed = set(cls.model_fields) - {
-            "body_part",
-            "strategy",
-            "deterministic",
-            "mixed_precision",
-        }
-        unknown = sorted(set(values) - allowed)
+        process_wide = {"body_part", "strategy", "deterministic", "mixed_precision"}
+        unknown = sorted(set(values) - set(cls.model_fields))
         if unknown:
-            raise ValueError(f"{', '.join(unknown)} cannot be set for the body-part model alone")
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}")
+        shared = sorted(set(values) & process_wide)
+        if shared:
+            raise ValueError(f"{', '.join(shared)} cannot be set for the body-part model alone")
         return values
 
     @field_validator("finetune_layers")

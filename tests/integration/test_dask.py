@@ -62,6 +62,7 @@ def project(pipeline_run, tmp_path):
         set_params(
             project,
             profiles__quick__train__finetune_epochs=0,
+            profiles__quick__train__body_part__finetune_epochs=0,  # its own value wins
             pipeline__build_bento=False,
             package__openvino=False,  # the first pipeline run tests the OpenVINO export
             pipeline__task_runner="dask",

@@ -63,6 +63,7 @@ def test_a_deployment_run_by_a_worker_trains_as_params_yaml_says(
     set_params(
         project,
         profiles__quick__train__finetune_epochs=0,
+        profiles__quick__train__body_part__finetune_epochs=0,  # its own value wins
         pipeline__build_bento=False,
         package__openvino=False,  # the first pipeline run tests the OpenVINO export
     )

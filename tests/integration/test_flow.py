@@ -107,6 +107,7 @@ def test_rerun_skips_cached_stages_and_a_worse_challenger_does_not_win(pipeline_
     set_params(
         project,
         profiles__quick__train__finetune_epochs=0,
+        profiles__quick__train__body_part__finetune_epochs=0,  # its own value wins
         pipeline__build_bento=False,
         package__openvino=False,  # the first run tests the OpenVINO export
     )

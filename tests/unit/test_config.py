@@ -59,7 +59,7 @@ def test_relative_paths_resolve_against_params_folder(tmp_path):
         ({"serve": {"port": 0}}, "serve.port"),
         ({"train": {"finetune_layers": -3}}, "train.finetune_layers"),
         ({"train": {"patience": 2, "lr_patience": 2}}, "must exceed lr_patience"),
-        ({"train": {"body_part": {"epochz": 3}}}, "epochz cannot be set for the body-part"),
+        ({"train": {"body_part": {"epochz": 3}}}, "unknown key(s) epochz"),
         ({"train": {"body_part": {"strategy": "mirrored"}}}, "strategy cannot be set"),
         ({"train": {"body_part": {"body_part": {}}}}, "body_part cannot be set"),
         ({"train": {"body_part": {"patience": 1}}}, "body_part: "),
@@ -77,8 +77,8 @@ def test_wrong_value_names_the_key_in_one_line(tmp_path, content, message):
 def test_default_recipe_is_the_documented_one(project_root):
     """params.yaml's real-MURA settings and the code's defaults are one recipe (docs/recipe.md:
     the MURA baseline's 320 px, batch 8, Adam 1e-4, rate /10 on a val-loss plateau, best
-    val-loss model, +-30 degree rotations, all layers fine-tuned); the quick profile keeps the
-    training behaviour it had before the recipe changed."""
+    val-loss model, +-30 degree rotations, all layers fine-tuned); the quick profile keeps its
+    own (docs/synthetic-learning.md)."""
     from bonefrac.config import PreprocessConfig, TrainConfig
 
     full = load_settings(project_root / "params.yaml", env={})
@@ -134,3 +134,15 @@ def test_the_body_part_model_trains_with_its_own_values(project_root):
     assert body_part.batch_size == quick.batch_size and body_part.body_part == {}
     full = load_settings(project_root / "params.yaml", env={}).train
     assert full.for_model(BODY_PART_MODEL) is full  # nothing set: the same settings
+    # its own values win over the section's, also over a later override of the same key
+    tuned = load_settings(
+        project_root / "params.yaml",
+        profile="quick",
+        overrides={"train": {"finetune_epochs": 0}},
+        env={},
+    ).train
+    assert tuned.finetune_epochs == 0 and tuned.for_model(BODY_PART_MODEL).finetune_epochs == 12
+    # `body_part:` with nothing under it (YAML null) is no override
+    from bonefrac.config import TrainConfig
+
+    assert TrainConfig(body_part=None).body_part == {}
