@@ -101,8 +101,11 @@ def tiny_bundle(tmp_path_factory, bundle_dir, train_labels) -> Path:
         loss = "sparse_categorical_crossentropy" if outputs > 1 else "binary_crossentropy"
         model.compile(optimizer="adam", loss=loss)
         # body part: a few epochs; 3-class softmax trained to saturation on ~80 images has
-        # huge logits, and int8 then moves its probabilities by up to 0.6 (measured)
-        epochs = 5 if outputs > 1 else 40
+        # huge logits, and int8 then moves its probabilities by up to 0.6 (measured). Hand:
+        # from 25 epochs on, its CNN saturates on one val film of the session-12 generator
+        # and int8 moves that film by 0.17-0.21 across the threshold (measured at 25, 30, 40
+        # epochs); at 20 it is healthy (max |Δp| 0.025)
+        epochs = 5 if outputs > 1 else 20 if name == "hand" else 40
         x = np.repeat(images[..., None], 3, -1).astype("float32")
         model.fit(x, labels, epochs=epochs, batch_size=16, verbose=0)
         model.save(out / name / "model.keras")
@@ -162,10 +165,10 @@ def test_export_writes_ir_that_computes_what_keras_computes(optimized, gate_data
 
 
 def test_gate_passes_a_healthy_int8_quantization(optimized):
-    """The fracture CNNs quantize well (measured here: max |Δp| ~0.015, no flips) and pass.
-    The body-part CNN is a weak 3-class model whose probabilities sit close together on 27
-    images: its int8 measured |ΔAUROC| 0.012 and failed, so it must keep fp32, whatever
-    this CPU's int8 kernels give."""
+    """The fracture CNNs quantize well (measured here: max |Δp| 0.006-0.025, no flips) and
+    pass. The body-part CNN is a weak 3-class model whose probabilities sit close together on
+    27 images: its verdict has gone both ways with the data (|ΔAUROC| 0.012, failed, before
+    session 12; max |Δp| 0.069, passed, since), so only its file is checked against it."""
     section = _manifest(optimized)["openvino"]
     verdicts = {
         n: (m["int8"]["reason"], m["int8"]["metrics"]) for n, m in section["models"].items()
