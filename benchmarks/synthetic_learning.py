@@ -46,6 +46,7 @@ def main() -> None:
     from bonefrac.cache import Cache
     from bonefrac.config import TrainConfig, load_settings
     from bonefrac.data.synthetic import generate
+    from bonefrac.evaluate import study_level
     from bonefrac.imaging import preprocess_file
     from bonefrac.train import fit_model
 
@@ -92,7 +93,8 @@ def main() -> None:
     def studies(pixels: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
         rgb = np.repeat(pixels[..., np.newaxis], 3, axis=-1).astype("float32")
         p = model.predict(rgb, batch_size=32, verbose=0)[:, 0]
-        return rows.assign(p=p).groupby("study_id").agg(p=("p", "mean"), y=("label", "first"))
+        studies = study_level(rows.assign(prob=p))  # the evaluate stage's study rows (MURA)
+        return studies.rename(columns={"label": "y", "prob": "p"})
 
     def split(name: str) -> pd.DataFrame:
         mask = (index["split"] == name).to_numpy()
