@@ -24,10 +24,24 @@ setup: $(STAMP)
 		echo "setup: $(VENV) already installed for this pyproject.toml + requirements.lock, reused"; fi
 
 # requirements.lock pins the whole dependency tree (pip freeze of a known-good install).
+# uv installs that set from its warm cache in ~10 s where pip takes ~275 s (docs/benchmarks.md),
+# most of a newcomer's first `make demo`. uv reads neither pip.conf nor PIP_* settings: where
+# packages come from a site's own index, set UV_DEFAULT_INDEX (uv's docs) or run
+# `make setup INSTALLER=pip`; if uv fails, setup says so and installs with pip.
+INSTALLER ?= uv
+UV_VERSION := 0.13.9
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "bonefrac needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,dask]'
+	@if [ "$(INSTALLER)" = uv ] && $(PIP_INSTALL) uv==$(UV_VERSION) && \
+		UV_SYSTEM_CERTS=1 $(BIN)/uv pip install --quiet --python $(BIN)/python \
+			-c requirements.lock -e '.[test,dask]'; then \
+		echo "setup: installed with uv $(UV_VERSION) (system CA certificates)"; \
+	else \
+		[ "$(INSTALLER)" = uv ] && echo "setup: uv could not install (above); installing with pip"; \
+		$(PIP_INSTALL) -c requirements.lock -e '.[test,dask]'; \
+	fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

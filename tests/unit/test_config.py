@@ -129,7 +129,7 @@ def test_the_body_part_model_trains_with_its_own_values(project_root):
     quick = load_settings(project_root / "params.yaml", profile="quick", env={}).train
     body_part, hand = quick.for_model(BODY_PART_MODEL), quick.for_model("XR_HAND")
     assert hand is quick and (hand.finetune_epochs, hand.patience) == (30, 10)
-    assert (body_part.finetune_epochs, body_part.patience, body_part.lr_patience) == (12, 4, 3)
+    assert (body_part.finetune_epochs, body_part.patience, body_part.lr_patience) == (8, 3, 2)
     # everything not named keeps the section's value, and the override does not nest
     assert body_part.batch_size == quick.batch_size and body_part.body_part == {}
     full = load_settings(project_root / "params.yaml", env={}).train
@@ -141,7 +141,7 @@ def test_the_body_part_model_trains_with_its_own_values(project_root):
         overrides={"train": {"finetune_epochs": 0}},
         env={},
     ).train
-    assert tuned.finetune_epochs == 0 and tuned.for_model(BODY_PART_MODEL).finetune_epochs == 12
+    assert tuned.finetune_epochs == 0 and tuned.for_model(BODY_PART_MODEL).finetune_epochs == 8
     # `body_part:` with nothing under it (YAML null) is no override
     from bonefrac.config import TrainConfig
 
