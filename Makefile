@@ -79,8 +79,11 @@ container: setup container-tools
 serve-lock: setup
 	$(BIN)/python deploy/serving_lock.py
 
+# Two pytest-xdist workers (tests/conftest.py says how the tests are grouped); TEST_WORKERS=0
+# runs everything in one process.
+TEST_WORKERS ?= 2
 test: setup browser container-tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check src tests flows benchmarks

@@ -18,6 +18,34 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of it
+# waits on one core (process and server start-ups, imports, graph tracing, I/O) while TensorFlow
+# trains on two, so two workers overlap the waits. loadgroup runs each xdist_group whole on one
+# worker; these groups keep every expensive fixture built once: the tests on the flow's run
+# share one pipeline_run, the service tests one bundle and server, the demo-data tests one
+# cache. A module's tests stay together (its module-scoped fixtures are built once too): a
+# module joins the group of the first shared fixture any of its tests uses, else is its own.
+SHARED_FIXTURE_GROUPS = {
+    "pipeline_run": "pipeline",
+    "bundle_dir": "service",
+    "synthetic_root": "service",
+    "server": "service",
+    "demo_cache": "demo-data",
+    "demo_data_dir": "demo-data",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    used: dict[str, set[str]] = {}
+    for item in items:
+        used.setdefault(item.module.__name__, set()).update(item.fixturenames)
+    for item in items:
+        module = item.module.__name__
+        shared = (g for f, g in SHARED_FIXTURE_GROUPS.items() if f in used[module])
+        item.add_marker(pytest.mark.xdist_group(next(shared, module)))
+
+
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return PROJECT_ROOT
