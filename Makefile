@@ -79,11 +79,11 @@ container: setup container-tools
 serve-lock: setup
 	$(BIN)/python deploy/serving_lock.py
 
-# Two pytest-xdist workers (tests/conftest.py says how the tests are grouped); TEST_WORKERS=0
-# runs everything in one process.
+# Two pytest-xdist workers, the groups in collection order (the flow's tests, the longest, first;
+# tests/conftest.py says how the tests are grouped); TEST_WORKERS=0 runs all in one process.
 TEST_WORKERS ?= 2
 test: setup browser container-tools
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check src tests flows benchmarks

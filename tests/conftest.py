@@ -20,30 +20,48 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of it
 # waits on one core (process and server start-ups, imports, graph tracing, I/O) while TensorFlow
-# trains on two, so two workers overlap the waits. loadgroup runs each xdist_group whole on one
-# worker; these groups keep every expensive fixture built once: the tests on the flow's run
-# share one pipeline_run, the service tests one bundle and server, the demo-data tests one
-# cache. A module's tests stay together (its module-scoped fixtures are built once too): a
-# module joins the group of the first shared fixture any of its tests uses, else is its own.
-SHARED_FIXTURE_GROUPS = {
-    "pipeline_run": "pipeline",
-    "bundle_dir": "service",
-    "synthetic_root": "service",
-    "server": "service",
-    "demo_cache": "demo-data",
-    "demo_data_dir": "demo-data",
+# trains on two, so two workers overlap the waits. Each group below runs whole on one worker,
+# so every expensive fixture is still built once: the modules on the flow's run share one
+# `pipeline_run`, the service tests one bundle and server, and a module's tests its
+# module-scoped fixtures (every other module is a group of its own). xdist's own loadgroup
+# cannot do this with pytest 9.2 (it marks groups by rewriting node ids, which pytest 9.2 no
+# longer reads: pytest-xdist issue 1386), so the scheduler below groups by module path.
+PIPELINE_MODULES = {
+    f"tests/integration/test_{name}.py"
+    for name in ("dask", "deployment", "dvc", "flow", "served_evaluation", "train_evaluate")
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def xdist_group(module_path: str) -> str:
+    """The group of a test module, by its path from the project root."""
+    if module_path in PIPELINE_MODULES:
+        return "pipeline"
+    if module_path.startswith("tests/service/"):
+        return "service"
+    return module_path
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid.split("::", 1)[0])
+
+    return ByGroup(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    used: dict[str, set[str]] = {}
+    """A module on the flow's run outside PIPELINE_MODULES would run it a second time."""
     for item in items:
-        used.setdefault(item.module.__name__, set()).update(item.fixturenames)
-    for item in items:
-        module = item.module.__name__
-        shared = (g for f, g in SHARED_FIXTURE_GROUPS.items() if f in used[module])
-        item.add_marker(pytest.mark.xdist_group(next(shared, module)))
+        path = item.nodeid.split("::", 1)[0]
+        if "pipeline_run" in item.fixturenames and xdist_group(path) != "pipeline":
+            raise pytest.UsageError(
+                f"{path} uses pipeline_run: add it to PIPELINE_MODULES in tests/conftest.py"
+            )
 
 
 @pytest.fixture(scope="session")
