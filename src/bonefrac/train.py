@@ -165,9 +165,17 @@ class TrainResult:
     rows_read: list[int] = field(default_factory=list)  # multi_worker: this worker's train rows
 
 
+# AUC and accuracy cannot exceed 1; float32 metrics land within this of it
+CEILING_TOLERANCE = 1e-6
+
+
 class _BestWeights:
     """Keeps the weights of the best epoch across both phases (phase 2 starts from phase 1's
-    weights and may never beat them), by the monitored validation metric."""
+    weights and may never beat them), by the monitored validation metric.
+
+    Only a strictly better epoch replaces the kept one, so once a monitored AUC or accuracy
+    reaches 1.0 no later epoch can be chosen: training stops there (`ceiling_epoch`), with the
+    model it would have kept after any number of further epochs."""
 
     @staticmethod
     def make(monitor: str, mode: str, offset: list[int]):
@@ -179,6 +187,7 @@ class _BestWeights:
                 self.best_value: float | None = None
                 self.best_epoch = 0
                 self.weights = None
+                self.ceiling_epoch: int | None = None
 
             def on_epoch_end(self, epoch, logs=None):
                 value = (logs or {}).get(monitor)
@@ -190,6 +199,13 @@ class _BestWeights:
                 if better:
                     self.best_value, self.best_epoch = float(value), offset[0] + epoch
                     self.weights = self.model.get_weights()
+                if (
+                    mode == "max"
+                    and not monitor.endswith("loss")
+                    and value >= 1 - CEILING_TOLERANCE
+                ):
+                    self.ceiling_epoch = offset[0] + epoch
+                    self.model.stop_training = True
 
             def restore(self) -> int:
                 if self.weights is not None:
@@ -321,7 +337,7 @@ def fit_model(
     phase_log: list[dict] = []
     steps = _StepCounter.make()
     for phase, epochs, learning_rate in phases:
-        if epochs <= 0:
+        if epochs <= 0 or best.ceiling_epoch is not None:
             continue
         set_phase(model, phase, cfg)
         with strategy.scope():
@@ -389,6 +405,8 @@ def fit_model(
         "n_val": int(len(val.rows)),
         "weights": cfg.weights,
         "monitor": monitor,
+        # the epoch (from 0) whose monitored metric reached 1.0 and ended training, else null
+        "stopped_at_ceiling": best.ceiling_epoch,
         "phases": phase_log,
         "val_metrics": val_metrics,
     }

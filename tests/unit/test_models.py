@@ -203,3 +203,44 @@ def test_evaluation_traces_each_model_once_per_image_size():
     np.testing.assert_allclose(out, expected, rtol=1e-5)
     np.testing.assert_allclose(out_again, expected[:5], rtol=1e-5)
     assert model._bonefrac_forward_8x8.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.slow
+def test_training_stops_once_the_monitored_val_metric_reaches_its_maximum(tmp_path):
+    """Only a strictly better epoch replaces the kept one, so an epoch after val AUC reached
+    1.0 can never be chosen: training stops there, phases to come included. A monitored loss
+    has no such ceiling, and the same films then train every epoch."""
+    import keras
+
+    from bonefrac.cache import load_cache
+    from bonefrac.train import CEILING_TOLERANCE, fit_model
+
+    write_tiny_cache(tmp_path, seed=4)
+    labels = np.arange(24) % 2  # write_tiny_cache's labels
+    noise = np.random.default_rng(4).integers(0, 40, (24, 32, 32))
+    np.save(tmp_path / "images.npy", (40 + 150 * labels[:, None, None] + noise).astype(np.uint8))
+    cache = load_cache(tmp_path)
+    epochs = {"head_epochs": 2, "finetune_epochs": 3}
+    common = dict(weights="none", batch_size=4, finetune_layers=0, augment=False, seed=3)
+    common |= dict(patience=6, lr_patience=5, **epochs)
+
+    by_auc = fit_model(
+        cache, "hand", ["hand"], TrainConfig(monitor="metric", **common), tmp_path / "auc"
+    )
+    keras.backend.clear_session()
+    by_loss = fit_model(
+        cache, "hand", ["hand"], TrainConfig(monitor="loss", **common), tmp_path / "loss"
+    )
+
+    total = sum(epochs.values())
+    assert len(by_loss.history["loss"]) == total  # no ceiling: every epoch ran
+    auc = by_auc.history["val_auc"]
+    reached = [i for i, value in enumerate(auc) if value >= 1 - CEILING_TOLERANCE]
+    assert reached, f"val AUC never reached 1.0 on separable films: {auc}"
+    first = reached[0]
+    assert first < total - 1 and len(auc) == first + 1  # stopped at the first 1.0
+    assert by_auc.best_epoch == first
+    meta = json.loads((tmp_path / "auc" / "meta.json").read_text())
+    assert meta["stopped_at_ceiling"] == first and meta["best_epoch"] == first
+    ran = [p["phase"] for p in by_auc.phases]
+    assert ran == (["head"] if first < epochs["head_epochs"] else ["head", "finetune"])
