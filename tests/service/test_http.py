@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -246,9 +247,12 @@ def test_bentoml_build_packs_the_service(server, project_root):
         cwd=project_root, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout + build.stderr
+    tag = re.search(r"__tag__:(\S+)", build.stdout).group(1)
+    # `bentoml get -o path` prints through rich, which wraps a path longer than the
+    # terminal (an xdist worker's tmp path is) with a newline; the API does not.
     path = subprocess.run(
-        [*bentoml_cli, "get", "bonefrac:latest", "-o", "path"],
-        env=env, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", f"import bentoml; print(bentoml.get({tag!r}).path)"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.strip()  # fmt: skip
     bento = Path(path)
     assert (bento / "src/src/bonefrac/serving/web/index.html").is_file()
