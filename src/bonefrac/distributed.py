@@ -134,7 +134,9 @@ def worker_datasets(strategy, cache, train, val, cfg, weights, rows_read: list[i
     ).with_options(options)
     val_ds = None
     if len(val.rows):
-        val_ds = make_dataset(cache, share(val), local_batch, False).with_options(options)
+        val_ds = make_dataset(
+            cache, share(val), local_batch, False, deterministic=cfg.deterministic
+        ).with_options(options)
     return train_ds, val_ds
 
 

@@ -90,17 +90,25 @@ def make_dataset(
     sample_weights: np.ndarray | None = None,
     on_read: Callable[[int], None] | None = None,
 ):
-    """rows -> images read from the memory-mapped cache (parallel map), cached in memory,
+    """rows -> images read from the memory-mapped cache, cached in memory,
     shuffled and augmented for training only, batched, prefetched.
 
-    The augmentation layers draw from one stateful seed generator: in a parallel map, which
-    batch gets which draw depends on thread timing, so `deterministic` runs that map in
-    order (a few ms a batch next to a ResNet50 step).
+    `deterministic` runs every map in order. The augmentation layers draw from one stateful
+    seed generator: in a parallel map, which batch gets which draw depends on thread timing
+    (a few ms a batch next to a ResNet50 step). The other maps: under op determinism
+    tf.data runs every map of a pipeline holding a stateful function (the cache read's
+    numpy_function) in order anyway, rewriting each with a C++ ERROR line ("NodeDef mentions
+    attribute use_unbounded_threadpool"); asking for order up front does the same work quietly.
 
     `sample_weights` (one per row) makes elements (x, y, weight); `on_read` is called with
     each cache row as it is read (once per row: the images are cached after the first pass)."""
     import tensorflow as tf
 
+    parallel = (
+        {"num_parallel_calls": None}
+        if deterministic
+        else {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
+    )
     size = cache.image_size
     images = cache.images
 
@@ -118,20 +126,19 @@ def make_dataset(
             tf.ensure_shape(tf.numpy_function(read, [row], tf.uint8), (size, size)),
             *rest,
         ),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+        **parallel,
     ).cache()
     if training:
         ds = ds.shuffle(len(data.rows), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(
         lambda x, *rest: (tf.repeat(tf.cast(x, tf.float32)[..., tf.newaxis], 3, axis=-1), *rest),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        **parallel,
     )
     if training and augment:
         layers = augmenter(seed, rotation_degrees)
         ds = ds.map(
             lambda x, *rest: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), *rest),
-            num_parallel_calls=None if deterministic else tf.data.AUTOTUNE,
+            **parallel,
         )
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -317,7 +324,9 @@ def fit_model(
             cfg.deterministic,
             cfg.rotation_degrees,
         )
-        val_ds = make_dataset(cache, val, batch_size, False) if len(val.rows) else None
+        val_ds = None
+        if len(val.rows):
+            val_ds = make_dataset(cache, val, batch_size, False, deterministic=cfg.deterministic)
     monitor_metric = "loss" if cfg.monitor == "loss" else "auc" if n_outputs == 1 else "accuracy"
     monitor = f"val_{monitor_metric}" if val_ds is not None else "loss"
     mode = "min" if monitor.endswith("loss") else "max"
