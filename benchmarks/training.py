@@ -1,7 +1,8 @@
 """Training input overhead: images/s of bonefrac's pipeline (tf.data from the memory-mapped
-cache, parallel map, cache, prefetch) against a plain `model.fit` on the same in-memory
-arrays, same model, same run; plus evaluation throughput (direct batched calls vs
-`model.predict`). Usage: python benchmarks/training.py [--size 64] [--images 192]"""
+cache, ordered maps as deterministic training runs them, cache, prefetch) against a plain
+`model.fit` on the same in-memory arrays, same model, same run; plus evaluation throughput
+(direct batched calls vs `model.predict`).
+Usage: python benchmarks/training.py [--size 64] [--images 192]"""
 
 from __future__ import annotations
 
