@@ -104,11 +104,7 @@ def make_dataset(
     each cache row as it is read (once per row: the images are cached after the first pass)."""
     import tensorflow as tf
 
-    parallel = (
-        {"num_parallel_calls": None}
-        if deterministic
-        else {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
-    )
+    calls = None if deterministic else tf.data.AUTOTUNE  # parallel maps keep input order
     size = cache.image_size
     images = cache.images
 
@@ -126,19 +122,19 @@ def make_dataset(
             tf.ensure_shape(tf.numpy_function(read, [row], tf.uint8), (size, size)),
             *rest,
         ),
-        **parallel,
+        num_parallel_calls=calls,
     ).cache()
     if training:
         ds = ds.shuffle(len(data.rows), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(
         lambda x, *rest: (tf.repeat(tf.cast(x, tf.float32)[..., tf.newaxis], 3, axis=-1), *rest),
-        **parallel,
+        num_parallel_calls=calls,
     )
     if training and augment:
         layers = augmenter(seed, rotation_degrees)
         ds = ds.map(
             lambda x, *rest: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), *rest),
-            **parallel,
+            num_parallel_calls=calls,
         )
     return ds.prefetch(tf.data.AUTOTUNE)
 
