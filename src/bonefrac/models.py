@@ -104,21 +104,31 @@ def compile_model(
     model, n_outputs: int, learning_rate: float, jit_compile: bool | str = "auto"
 ) -> None:
     """Adam and the loss of the task; `jit_compile` as Keras takes it ("auto" resolves to off
-    when TensorFlow sees only CPUs). `model.jit_compile` then holds the resolved choice."""
+    when TensorFlow sees only CPUs). `model.jit_compile` then holds the resolved choice.
+    Call under the distribution strategy's scope: the optimizer's variables are made here."""
     import keras
 
+    # Metric objects, not the string "accuracy": Keras resolves that string inside `fit` and
+    # makes its variables in the first trace, which then runs twice (see below).
     if n_outputs == 1:
         loss = "binary_crossentropy"
-        metrics = ["accuracy", keras.metrics.AUC(name="auc")]
+        accuracy = keras.metrics.BinaryAccuracy(name="accuracy")
+        metrics = [accuracy, keras.metrics.AUC(name="auc")]
     else:
         loss = "categorical_crossentropy"
-        metrics = ["accuracy", keras.metrics.AUC(name="auc", multi_label=True)]
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+        metrics = [accuracy, keras.metrics.AUC(name="auc", multi_label=True)]
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=loss,
         metrics=metrics,
         jit_compile=jit_compile,
     )
+    # Adam's moments made now, eagerly. Left to `fit`, Keras 3.15 initialises them inside the
+    # first trace of the training step, and tf.function traces a step again whenever its
+    # first trace created variables: ~18 s of the ~38 s first epoch of a ResNet50 at 64 px on
+    # 2 cores, for the same numbers (docs/benchmarks.md).
+    model.optimizer.build(model.trainable_variables)
 
 
 _MULTI_WORKER: list = []  # the process's one MultiWorkerMirroredStrategy, once made
