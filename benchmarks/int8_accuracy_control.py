@@ -90,8 +90,9 @@ def main() -> None:
         point = manifest["models"][name]
         data = gate_data(cache, name, classes, point, cfg)
         model = keras.models.load_model(args.bundle / name / "model.keras", compile=False)
-        reference = in_chunks(keras_forward(model, size)[0], data.validation)
-        fp32 = export_ir(model, size)
+        forward, concrete = keras_forward(model, size)
+        reference = in_chunks(forward, data.validation)
+        fp32 = export_ir(concrete)
         keras.backend.clear_session()
 
         def served(outputs: np.ndarray, data=data) -> np.ndarray:

@@ -75,11 +75,12 @@ def keras_forward(model, size: int):
     return graph, graph.get_concrete_function()
 
 
-def export_ir(model, size: int):
-    """A Keras model as an OpenVINO model (fp32 weights), via its concrete TF function."""
+def export_ir(concrete_function):
+    """A Keras model as an OpenVINO model (fp32 weights), from the concrete TF function that
+    `keras_forward` gives (one trace serves the fp32 reference and the export)."""
     import openvino as ov
 
-    return ov.convert_model(keras_forward(model, size)[1])
+    return ov.convert_model(concrete_function)
 
 
 def quantize_int8(ov_model, calibration: np.ndarray, seed: int = 42):
@@ -197,8 +198,9 @@ def optimize_model(
     Keras fp32 outputs, keep what passed. Returns its `openvino.models[name]` entry."""
     import openvino as ov
 
-    reference = in_chunks(keras_forward(keras_model, size)[0], data.validation)
-    fp32_model = export_ir(keras_model, size)
+    forward, concrete = keras_forward(keras_model, size)
+    reference = in_chunks(forward, data.validation)
+    fp32_model = export_ir(concrete)
     entry: dict = {"files": {}}
 
     def gate(ov_model, precision: str) -> GateResult:
