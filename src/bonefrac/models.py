@@ -117,7 +117,9 @@ def compile_model(
     else:
         loss = "categorical_crossentropy"
         accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
-        metrics = [accuracy, keras.metrics.AUC(name="auc", multi_label=True)]
+        # num_labels given: without it the AUC's variables wait for the first batch too
+        auc = keras.metrics.AUC(name="auc", multi_label=True, num_labels=n_outputs)
+        metrics = [accuracy, auc]
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=loss,

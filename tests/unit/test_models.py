@@ -213,14 +213,17 @@ def test_jit_compile_is_a_train_param_that_reaches_keras():
     }
 
 
-def test_training_step_is_traced_once_and_trains_as_before():
-    """compile_model makes Adam's moments before `fit`. Keras 3.15 otherwise creates them
-    inside the first trace of the training step, and tf.function traces that step again:
-    two traces (~18 s of a ResNet50's first epoch here) where one does. The weights after
-    two epochs are those of a model compiled the plain Keras way."""
+@pytest.mark.parametrize("n_outputs", [1, 4])  # a fracture model, the body-part model
+def test_training_step_is_traced_once_and_trains_as_before(n_outputs):
+    """compile_model makes Adam's moments and the metrics' variables before `fit`. Keras 3.15
+    otherwise creates them inside the first trace of the training step, and tf.function
+    traces that step again: two traces (~15 s of a ResNet50's first epoch here) where one
+    does. The weights after two epochs are those of a model compiled the plain Keras way."""
     import keras
 
     from bonefrac.models import compile_model
+
+    activation = "sigmoid" if n_outputs == 1 else "softmax"
 
     def tiny():
         keras.utils.set_random_seed(5)
@@ -228,19 +231,20 @@ def test_training_step_is_traced_once_and_trains_as_before():
         x = keras.layers.Conv2D(4, 3)(inputs)
         x = keras.layers.BatchNormalization()(x)
         x = keras.layers.GlobalAveragePooling2D()(x)
-        return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+        return keras.Model(inputs, keras.layers.Dense(n_outputs, activation=activation)(x))
 
     rng = np.random.default_rng(5)
     x = rng.random((48, 8, 8, 3), dtype=np.float32)
-    y = rng.integers(0, 2, (48, 1)).astype(np.float32)
+    labels = rng.integers(0, max(n_outputs, 2), 48)
+    y = labels[:, None].astype(np.float32) if n_outputs == 1 else np.eye(n_outputs)[labels]
     ours, plain = tiny(), tiny()
-    compile_model(ours, 1, 3e-3)
+    compile_model(ours, n_outputs, 3e-3)
     plain.compile(
         optimizer=keras.optimizers.Adam(3e-3),
-        loss="binary_crossentropy",
-        metrics=["accuracy", keras.metrics.AUC(name="auc")],
+        loss="binary_crossentropy" if n_outputs == 1 else "categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc", multi_label=n_outputs > 1)],
     )
-    traces = {}
+    traces, history = {}, {}
     for label, model in (("ours", ours), ("plain", plain)):
         step = model.train_step
 
@@ -249,8 +253,14 @@ def test_training_step_is_traced_once_and_trains_as_before():
             return step(data)
 
         model.train_step = counted
-        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, validation_data=(x, y), verbose=0)
+        fitted = model.fit(
+            x, y, batch_size=16, epochs=2, shuffle=False, validation_data=(x, y), verbose=0
+        )
+        history[label] = fitted.history
     assert traces == {"ours": 1, "plain": 2}  # plain: Keras' own double trace, still there
+    assert history["ours"].keys() == history["plain"].keys()  # accuracy, auc, loss, val_*
+    for key, values in history["plain"].items():  # the same metrics, measured the same way
+        np.testing.assert_allclose(history["ours"][key], values, rtol=1e-5, err_msg=key)
     for mine, theirs in zip(ours.weights, plain.weights, strict=True):
         np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-7)
 
