@@ -18,8 +18,9 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # Python writes each module's bytecode on first import, unless PYTHONDONTWRITEBYTECODE is set
 # (it is on these machines). uv installs without bytecode, so each process would then compile
 # the same sources again: importing TensorFlow, Keras, MLflow, Prefect, NNCF, OpenVINO and
-# BentoML took 22.6-24.3 s a process without .pyc files against 9.9-10.8 s with them. The
-# .pyc files go into .venv and __pycache__ folders (git ignores them).
+# BentoML took 19.8-22.5 s a process without .pyc files against 7.5-7.8 s with them
+# (benchmarks/bytecode.py). The .pyc files go into .venv and __pycache__ folders (git ignores
+# them).
 unexport PYTHONDONTWRITEBYTECODE
 MAKE_START := $(shell date +%s)
 

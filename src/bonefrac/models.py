@@ -128,8 +128,8 @@ def compile_model(
     )
     # Adam's moments made now, eagerly. Left to `fit`, Keras 3.15 initialises them inside the
     # first trace of the training step, and tf.function traces a step again whenever its
-    # first trace created variables: ~18 s of the ~38 s first epoch of a ResNet50 at 64 px on
-    # 2 cores, for the same numbers (docs/benchmarks.md).
+    # first trace created variables: ~15 s of a ~37 s first epoch of a ResNet50 at 64 px on
+    # 2 cores, for the same numbers (benchmarks/first_epoch.py).
     model.optimizer.build(model.trainable_variables)
 
 
