@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import dump  # noqa: E402
+from harness import cpu_info, dump  # noqa: E402
 
 STACK = "tensorflow,keras,mlflow,prefect,nncf,openvino,bentoml"
 
@@ -40,8 +40,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--modules", default=STACK)
     args = parser.parse_args()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(next((ln for ln in cpu.splitlines() if "Model name" in ln), "cpu: unknown"))
+    cpu_info()
     with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryDirectory() as cache:
         plain = [timed_import(args.modules, Path(empty), False) for _ in range(args.repeat)]
         first = timed_import(args.modules, Path(cache), True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import dump  # noqa: E402
+from harness import cpu_info, dump  # noqa: E402
 
 WAYS = ("keras-plain", "bonefrac")
 
@@ -94,8 +94,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_run(args.one, args.size, args.batch, args.steps, args.epochs)))
         return
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(next((ln for ln in cpu.splitlines() if "Model name" in ln), "cpu: unknown"))
+    cpu_info()
     runs = []
     for _ in range(args.repeat):
         for way in WAYS:

@@ -62,6 +62,7 @@ def main() -> None:
 
     import keras
     import nncf
+    import openvino as ov
 
     from bonefrac.bundle import read_bundle
     from bonefrac.cache import load_cache
@@ -71,7 +72,6 @@ def main() -> None:
     from bonefrac.optimize import (
         accuracy_gate,
         compiled,
-        export_ir,
         gate_data,
         in_chunks,
         keras_forward,
@@ -92,7 +92,7 @@ def main() -> None:
         model = keras.models.load_model(args.bundle / name / "model.keras", compile=False)
         forward, concrete = keras_forward(model, size)
         reference = in_chunks(forward, data.validation)
-        fp32 = export_ir(concrete)
+        fp32 = ov.convert_model(concrete)
         keras.backend.clear_session()
 
         def served(outputs: np.ndarray, data=data) -> np.ndarray:

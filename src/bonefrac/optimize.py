@@ -75,14 +75,6 @@ def keras_forward(model, size: int):
     return graph, graph.get_concrete_function()
 
 
-def export_ir(concrete_function):
-    """A Keras model as an OpenVINO model (fp32 weights), from the concrete TF function that
-    `keras_forward` gives (one trace serves the fp32 reference and the export)."""
-    import openvino as ov
-
-    return ov.convert_model(concrete_function)
-
-
 def quantize_int8(ov_model, calibration: np.ndarray, seed: int = 42):
     """NNCF post-training int8 quantization calibrated on these (N, S, S) images."""
     import nncf
@@ -198,9 +190,9 @@ def optimize_model(
     Keras fp32 outputs, keep what passed. Returns its `openvino.models[name]` entry."""
     import openvino as ov
 
-    forward, concrete = keras_forward(keras_model, size)
+    forward, concrete = keras_forward(keras_model, size)  # one trace: reference and export
     reference = in_chunks(forward, data.validation)
-    fp32_model = export_ir(concrete)
+    fp32_model = ov.convert_model(concrete)  # fp32 weights
     entry: dict = {"files": {}}
 
     def gate(ov_model, precision: str) -> GateResult:
