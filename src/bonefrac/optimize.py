@@ -225,9 +225,12 @@ def optimize_bundle(
     data: dict[str, GateData],
     cfg: PackageConfig,
     quantizer: Callable = quantize_int8,
+    models: dict | None = None,
 ) -> dict:
     """Add every model's OpenVINO IR to a bundle folder; returns bundle.json's `openvino`
-    section (the caller writes it and re-hashes the bundle)."""
+    section (the caller writes it and re-hashes the bundle). `models`: Keras models the
+    caller already holds, the same ones it saved into the bundle (a load takes 1-3 s each);
+    the others are loaded from the bundle."""
     import keras
     import nncf
     import openvino as ov
@@ -241,7 +244,9 @@ def optimize_bundle(
         "models": {},
     }
     for name in manifest["models"]:
-        model = keras.models.load_model(Path(bundle_dir) / name / "model.keras", compile=False)
+        model = (models or {}).get(name)
+        if model is None:
+            model = keras.models.load_model(Path(bundle_dir) / name / "model.keras", compile=False)
         section["models"][name] = optimize_model(
             model, size, Path(bundle_dir) / name, data[name], cfg, quantizer
         )
@@ -254,6 +259,7 @@ def add_to_bundle(
     cfg: PackageConfig,
     quantizer: Callable = quantize_int8,
     skipped: str | None = None,
+    models: dict | None = None,
 ) -> dict:
     """Optimize a packaged bundle in place: IR files in, bundle.json's `openvino` section
     written (`{"skipped": why}` when `skipped`), SHA-256 list redone. Returns the section."""
@@ -265,7 +271,7 @@ def add_to_bundle(
     if skipped is not None or data is None:
         section = {"skipped": skipped or "no calibration data"}
     else:
-        section = optimize_bundle(bundle_dir, manifest, data, cfg, quantizer)
+        section = optimize_bundle(bundle_dir, manifest, data, cfg, quantizer, models)
     manifest["openvino"] = section
     (bundle_dir / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     write_manifest(bundle_dir)  # the IR files join the SHA-256 list

@@ -80,10 +80,10 @@ def package_champions(
         )
     with tempfile.TemporaryDirectory(prefix="bonefrac-bundle-") as tmp:
         tmp = Path(tmp)
-        files, points, versions = {}, {}, {}
+        files, points, versions, models = {}, {}, {}, {}
         for name, champion in champions.items():
             uri = f"models:/{champion.name}/{champion.version}"
-            model = guarded(client, f"loading {uri}", mlflow.keras.load_model, uri)
+            model = models[name] = guarded(client, f"loading {uri}", mlflow.keras.load_model, uri)
             files[name] = tmp / f"{name}.keras"
             model.save(files[name])
             versions[name] = {
@@ -120,7 +120,7 @@ def package_champions(
             is_synthetic(settings.paths.data),
         )
         if settings.package.openvino:
-            add_openvino(bundle, settings, points, client, champions)
+            add_openvino(bundle, settings, points, client, champions, models)
         model_tag = save_to_bentoml(bundle)
     bento_tag = build_bento(settings) if build else None
     return {
@@ -130,9 +130,17 @@ def package_champions(
     }
 
 
-def add_openvino(bundle: Path, settings: Settings, points: dict, client, champions: dict) -> dict:
+def add_openvino(
+    bundle: Path,
+    settings: Settings,
+    points: dict,
+    client,
+    champions: dict,
+    models: dict | None = None,
+) -> dict:
     """OpenVINO IR + NNCF int8 of every bundled model, calibrated on train and gated on val
-    (`bonefrac.optimize`); the outcome goes into bundle.json and onto each model version."""
+    (`bonefrac.optimize`); the outcome goes into bundle.json and onto each model version.
+    `models`: the Keras models just saved into the bundle, so they are not loaded again."""
     from bonefrac.bundle import OOD_INPUT, model_inputs, preprocess_key, read_bundle
     from bonefrac.cache import load_cache
     from bonefrac.optimize import add_to_bundle, gate_data
@@ -160,7 +168,7 @@ def add_openvino(bundle: Path, settings: Settings, points: dict, client, champio
             name: gate_data(cache, name, classes, points.get(name), settings.package)
             for name in manifest["models"]
         }
-        section = add_to_bundle(bundle, data, settings.package)
+        section = add_to_bundle(bundle, data, settings.package, models=models)
         record_served_evaluation(bundle, settings, cache)
     for name, champion in champions.items():
         entry = section.get("models", {}).get(name, {})
