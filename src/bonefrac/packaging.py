@@ -226,6 +226,8 @@ def record_served_evaluation(bundle: Path, settings: Settings, cache) -> dict:
         }
         for level in ("image", "study")
     }
+    if predictor.runtime.bf16_probe:  # why auto chose bf16 or fp32 on the packaging host
+        served["bf16_probe"] = predictor.runtime.bf16_probe
     manifest = read_bundle(bundle)
     manifest["served_evaluation"] = served
     (bundle / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -6,7 +6,8 @@ and gates every variant against the Keras fp32 outputs; bundle.json records the 
 
     serve.runtime = auto            the fastest variant that passed the gate at packaging and
                                     that this CPU supports (int8 > bf16 > fp32 > tensorflow;
-                                    bf16 only on CPUs with AMX, see below)
+                                    bf16 only where it is faster than fp32 here, see below),
+                                    per model: a model whose int8 failed runs bf16 there
                   | openvino-int8   int8 IR for every model that passed its int8 gate, fp32 IR
                                     for a model that failed it (the gate's verdict stands)
                   | openvino-bf16   fp32 IR run in bf16 (only where the CPU has bf16)
@@ -15,9 +16,12 @@ and gates every variant against the Keras fp32 outputs; bundle.json records the 
 
 OpenVINO's default precision on CPUs with bf16 is bf16 (with AMX, and measured on an AVX512-
 bf16 Xeon without it), so every compile states its precision: an "fp32" that is silently bf16
-would serve numbers nobody gated. bf16 pays off only on AMX tiles: on that Xeon without AMX it
-ran at 0.57x fp32's speed (docs/benchmarks.md), so `auto` offers it only where the CPU has AMX;
-`openvino-bf16` by name still runs on any CPU with bf16. If OpenVINO cannot compile
+would serve numbers nobody gated. Whether bf16 pays depends on the CPU, not on its flags: on an
+AVX512-bf16 Xeon without AMX it ran at 0.57x fp32's speed, on an AVX512-bf16 AMD EPYC without
+AMX at 1.8-1.9x (docs/benchmarks.md). So `auto` uses bf16 where the CPU has AMX tiles, and on
+a CPU with bf16 but no AMX it times one model both ways at start-up (`probe_bf16`, ~1 s at
+224 px) and uses bf16 only where that is clearly faster. `openvino-bf16` by name runs on any
+CPU with bf16. If OpenVINO cannot compile
 on this host, serving falls back to TensorFlow with one warning line. Grad-CAM always uses the
 Keras fp32 model.
 """
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import statistics
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,8 @@ IR_FILES = {"fp32": "openvino_fp32.xml", "int8": "openvino_int8.xml"}  # + .bin,
 PRECISION_HINT = {INT8: "f32", BF16: "bf16", FP32: "f32"}  # int8 IR: the rest stays f32
 DEVICE = "CPU"
 AMX = "AMX"  # added to OpenVINO's capabilities when the CPU has AMX tiles (OpenVINO omits it)
+BF16_FASTER = "BF16_FASTER"  # added when `probe_bf16` found bf16 faster than fp32 on this CPU
+BF16_MARGIN = 0.8  # bf16 must take under this share of fp32's time: a clear win, not noise
 
 logger = logging.getLogger("bonefrac.serving")
 
@@ -53,6 +61,26 @@ class Loaded:
     forwards: dict[str, Forward]
     per_model: dict[str, str]  # model name -> the runtime (variant) that scores it
     note: str | None = None  # why the requested runtime is not the one running, if it is not
+    bf16_probe: dict | None = None  # `probe_bf16`'s timings, where `auto` measured them
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Median batch-1 latency of one IR compiled for f32 and for bf16 on this CPU."""
+
+    fp32_ms: float
+    bf16_ms: float
+
+    @property
+    def bf16_faster(self) -> bool:
+        return self.bf16_ms < BF16_MARGIN * self.fp32_ms
+
+    def as_dict(self) -> dict:
+        return {
+            "fp32_ms": round(self.fp32_ms, 3),
+            "bf16_ms": round(self.bf16_ms, 3),
+            "bf16_faster": self.bf16_faster,
+        }
 
 
 def cpuinfo(field: str) -> str | None:
@@ -88,6 +116,41 @@ def host_capabilities() -> frozenset[str]:
     return frozenset(capabilities)
 
 
+def prefers_bf16(capabilities: set[str] | frozenset[str]) -> bool:
+    """bf16 beats fp32 on this CPU: it has AMX tiles, or `probe_bf16` measured it."""
+    return "BF16" in capabilities and bool({AMX, BF16_FASTER} & capabilities)
+
+
+def bf16_passed(name: str, manifest: dict) -> bool:
+    info = manifest.get("openvino", {}).get("models", {}).get(name) or {}
+    return bool(info.get("bf16", {}).get("passed")) and "fp32" in info.get("files", {})
+
+
+def probe_bf16(xml: Path, runs: int = 7) -> Probe:
+    """Time one fp32 IR at batch 1 on a blank image, compiled for f32 and for bf16, runs
+    alternating after a warm-up so a busy moment of the host hits both alike."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(xml))
+    shape = [1 if d.is_dynamic else d.get_length() for d in model.input(0).get_partial_shape()]
+    blank = np.zeros(shape, np.float32)
+    requests = {
+        precision: core.compile_model(
+            model, DEVICE, {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        ).create_infer_request()
+        for precision in ("f32", "bf16")
+    }
+    times: dict[str, list[float]] = {p: [] for p in requests}
+    for i in range(runs + 2):
+        for precision, request in requests.items():
+            start = time.perf_counter()
+            request.infer([blank])
+            if i >= 2:  # the first runs allocate and warm the caches
+                times[precision].append(time.perf_counter() - start)
+    return Probe(1e3 * statistics.median(times["f32"]), 1e3 * statistics.median(times["bf16"]))
+
+
 def variant_of(runtime: str, name: str, manifest: dict) -> str | None:
     """Which IR (`fp32` / `int8`) a model runs under an OpenVINO runtime, or None when the
     bundle has no IR for it. int8 falls back to fp32 for a model whose int8 failed its gate;
@@ -103,11 +166,11 @@ def variant_of(runtime: str, name: str, manifest: dict) -> str | None:
 
 
 def available(manifest: dict, names: list[str], capabilities: set[str]) -> list[str]:
-    """The runtimes this bundle offers on this host, fastest first (bf16 only with AMX:
-    without it bf16 is slower than fp32)."""
+    """The runtimes this bundle offers on this host, fastest first (bf16 only where it beats
+    fp32: `prefers_bf16`)."""
     out = []
     for runtime in (INT8, BF16, FP32):
-        if runtime == BF16 and not {"BF16", AMX} <= capabilities:
+        if runtime == BF16 and not prefers_bf16(capabilities):
             continue
         if "FP32" not in capabilities:
             continue
@@ -157,10 +220,34 @@ def load(
     TensorFlow, with one warning line, when OpenVINO cannot serve them here."""
     names = list(manifest["models"])
     capabilities = host_capabilities()
+    probe = None
+    # the models that would run fp32 under auto and may run bf16 instead: time that here
+    gated = [
+        n for n in names if bf16_passed(n, manifest) and variant_of(INT8, n, manifest) != "int8"
+    ]
+    if requested == AUTO and gated and "BF16" in capabilities and AMX not in capabilities:
+        try:
+            probe = probe_bf16(bundle / gated[0] / IR_FILES["fp32"])
+        except Exception as exc:  # noqa: BLE001 - no bf16 then; load() reports OpenVINO faults
+            logger.warning("runtime: bf16 not timed (%s); fp32 serves", type(exc).__name__)
+        else:
+            logger.info(
+                "runtime: one image through the %s model took %.1f ms in bf16, %.1f ms in fp32 "
+                "on this CPU: %s",
+                gated[0],
+                probe.bf16_ms,
+                probe.fp32_ms,
+                "bf16 serves the models whose int8 did not pass"
+                if probe.bf16_faster
+                else f"fp32 serves (bf16 is used under {BF16_MARGIN:g}x fp32's time)",
+            )
+            if probe.bf16_faster:
+                capabilities = capabilities | {BF16_FASTER}
     runtime = choose(requested, manifest, names, capabilities)
+    timings = probe.as_dict() if probe else None
     if runtime == TENSORFLOW:
         forwards = tensorflow_forwards()
-        return Loaded(TENSORFLOW, forwards, dict.fromkeys(names, TENSORFLOW))
+        return Loaded(TENSORFLOW, forwards, dict.fromkeys(names, TENSORFLOW), None, timings)
     try:
         forwards, per_model = {}, {}
         for name in names:
@@ -169,14 +256,18 @@ def load(
                 raise RuntimeError(f"the bundle has no {runtime} model for {name}")
             if runtime == BF16 and "BF16" not in capabilities:
                 raise RuntimeError("this CPU has no bf16 support")
+            used = runtime if variant == "int8" or runtime != INT8 else FP32
+            if used == FP32 and requested == AUTO and bf16_passed(name, manifest):
+                # auto: a model whose int8 failed runs the faster of its gated variants
+                used = BF16 if prefers_bf16(capabilities) else FP32
             forwards[name] = openvino_forward(
-                bundle / name / IR_FILES[variant], PRECISION_HINT[runtime]
+                bundle / name / IR_FILES[variant], PRECISION_HINT[used]
             )
-            per_model[name] = runtime if variant == "int8" or runtime != INT8 else FP32
-        return Loaded(runtime, forwards, per_model)
+            per_model[name] = used
+        return Loaded(runtime, forwards, per_model, None, timings)
     except Exception as exc:  # noqa: BLE001 - any OpenVINO failure: TensorFlow serves instead
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         note = f"{runtime} unavailable ({reason}); serving with {TENSORFLOW}"
         logger.warning("runtime: %s", note)
         forwards = tensorflow_forwards()
-        return Loaded(TENSORFLOW, forwards, dict.fromkeys(names, TENSORFLOW), note)
+        return Loaded(TENSORFLOW, forwards, dict.fromkeys(names, TENSORFLOW), note, timings)

@@ -16,6 +16,7 @@ from bonefrac.optimize import GateData, accuracy_gate
 from bonefrac.runtimes import (
     AUTO,
     BF16,
+    BF16_FASTER,
     FP32,
     INT8,
     TENSORFLOW,
@@ -116,12 +117,17 @@ def test_runtime_choice_follows_the_verdicts():
     bf16 = {"openvino": {"models": {n: entry(True, True) for n in names}}}
     amx = {"FP32", "INT8", "BF16", "AMX"}
     assert available(bf16, names, amx) == [INT8, BF16, FP32, TENSORFLOW]
-    # bf16 without AMX ran at 0.57x fp32 (AVX512-bf16 Xeon): not offered, fp32 is faster
+    # bf16 without AMX: 0.57x fp32 on an AVX512-bf16 Xeon, 1.8x on an AMD EPYC, so only where
+    # probe_bf16 timed it faster on this CPU (BF16_FASTER)
     assert available(bf16, names, {"FP32", "INT8", "BF16"}) == [INT8, FP32, TENSORFLOW]
+    measured = {"FP32", "INT8", "BF16", BF16_FASTER}
+    assert available(bf16, names, measured) == [INT8, BF16, FP32, TENSORFLOW]
+    assert available(bf16, names, {"FP32", "INT8", BF16_FASTER}) == [INT8, FP32, TENSORFLOW]
     assert available(bf16, names, {"FP32", "INT8"}) == [INT8, FP32, TENSORFLOW]  # no bf16 CPU
     bf16_only = {"openvino": {"models": {n: entry(False, True) for n in names}}}
     assert choose(AUTO, bf16_only, names, amx) == BF16  # int8 failed everywhere: bf16 next
     assert choose(AUTO, bf16_only, names, {"FP32", "INT8", "BF16"}) == FP32
+    assert choose(AUTO, bf16_only, names, measured) == BF16
     assert choose(BF16, bf16_only, names, {"FP32", "INT8", "BF16"}) == BF16  # asked by name
     assert available({}, names, {"FP32"}) == [TENSORFLOW]  # a bundle from before OpenVINO
     assert available(bf16, names, set()) == [TENSORFLOW]  # OpenVINO unusable here
