@@ -1,10 +1,11 @@
 """Does `auto`'s start-up timing (`runtimes.probe_bf16`: batch 1, 2 warm-up + 7 alternating
-runs) pick what a longer measurement would? For the quick profile's ResNet50 (64 px) and the
-default size (224 px), untrained, exported as packaging does: the probe's verdict, then fp32
-IR compiled for f32 (the baseline) and for bf16, timed at batch 1 and 8 over `--repeat` runs.
+runs) pick what a longer measurement would? ResNet50s, untrained, exported as packaging does,
+at the quick profile's 64 px, the serving benchmarks' 224 px and the default profile's 320 px:
+the probe's verdict, then the fp32 IR compiled for f32 (the baseline) and for bf16, timed at
+batch 1 and 8 over `--repeat` runs.
 Prints the CPU first: bf16 without AMX is 0.57x fp32 on one AVX512-bf16 Xeon and faster on
 AMD EPYCs with AVX512-bf16, so only ratios from one run count.
-Usage: python benchmarks/bf16_choice.py [--sizes 64,224] [--repeat 30]"""
+Usage: python benchmarks/bf16_choice.py [--sizes 64,224,320] [--repeat 30]"""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from harness import compare, cpu_info, dump  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="64,224")
+    parser.add_argument("--sizes", default="64,224,320")
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
 

@@ -229,8 +229,9 @@ def optimize_bundle(
 ) -> dict:
     """Add every model's OpenVINO IR to a bundle folder; returns bundle.json's `openvino`
     section (the caller writes it and re-hashes the bundle). `models`: Keras models the
-    caller already holds, the same ones it saved into the bundle (a load takes 1-3 s each);
-    the others are loaded from the bundle."""
+    caller already holds, the same ones it saved into the bundle (a load takes 1-3 s each),
+    taken out of the dict as each is exported, so none stays in memory after; the others
+    are loaded from the bundle."""
     import keras
     import nncf
     import openvino as ov
@@ -244,7 +245,7 @@ def optimize_bundle(
         "models": {},
     }
     for name in manifest["models"]:
-        model = (models or {}).get(name)
+        model = models.pop(name, None) if models else None
         if model is None:
             model = keras.models.load_model(Path(bundle_dir) / name / "model.keras", compile=False)
         section["models"][name] = optimize_model(

@@ -7,7 +7,8 @@ and gates every variant against the Keras fp32 outputs; bundle.json records the 
     serve.runtime = auto            the fastest variant that passed the gate at packaging and
                                     that this CPU supports (int8 > bf16 > fp32 > tensorflow;
                                     bf16 only where it is faster than fp32 here, see below),
-                                    per model: a model whose int8 failed runs bf16 there
+                                    per model: a model whose int8 failed runs bf16 there if
+                                    its bf16 passed, else fp32
                   | openvino-int8   int8 IR for every model that passed its int8 gate, fp32 IR
                                     for a model that failed it (the gate's verdict stands)
                   | openvino-bf16   fp32 IR run in bf16 (only where the CPU has bf16)
@@ -19,16 +20,17 @@ bf16 Xeon without it), so every compile states its precision: an "fp32" that is 
 would serve numbers nobody gated. Whether bf16 pays depends on the CPU, not on its flags: on an
 AVX512-bf16 Xeon without AMX it ran at 0.57x fp32's speed, on an AVX512-bf16 AMD EPYC without
 AMX at 1.8-1.9x (docs/benchmarks.md). So `auto` uses bf16 where the CPU has AMX tiles, and on
-a CPU with bf16 but no AMX it times one model both ways at start-up (`probe_bf16`, ~1 s at
-224 px) and uses bf16 only where that is clearly faster. `openvino-bf16` by name runs on any
-CPU with bf16. If OpenVINO cannot compile
-on this host, serving falls back to TensorFlow with one warning line. Grad-CAM always uses the
+a CPU with bf16 but no AMX it times one model both ways at start-up (`probe_bf16`, once a
+process: 0.5 s at 64 px, 0.9 s at 224 px) and uses bf16 only where that is clearly faster.
+`openvino-bf16` by name runs on any CPU with bf16. If OpenVINO cannot compile on this host,
+serving falls back to TensorFlow with one warning line. Grad-CAM always uses the
 Keras fp32 model.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import statistics
 import threading
@@ -121,9 +123,22 @@ def prefers_bf16(capabilities: set[str] | frozenset[str]) -> bool:
     return "BF16" in capabilities and bool({AMX, BF16_FASTER} & capabilities)
 
 
+def _entry(manifest: dict, *keys: str) -> dict:
+    """manifest[k1][k2]...; {} where a level is missing or not a mapping (a bundle from before
+    OpenVINO, or a damaged bundle.json: served by TensorFlow, not a crash)."""
+    node: object = manifest
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _passed(info: dict, variant: str) -> bool:
+    return _entry(info, variant).get("passed") is True
+
+
 def bf16_passed(name: str, manifest: dict) -> bool:
-    info = manifest.get("openvino", {}).get("models", {}).get(name) or {}
-    return bool(info.get("bf16", {}).get("passed")) and "fp32" in info.get("files", {})
+    info = _entry(manifest, "openvino", "models", name)
+    return _passed(info, "bf16") and "fp32" in _entry(info, "files")
 
 
 def probe_bf16(xml: Path, runs: int = 7) -> Probe:
@@ -155,13 +170,13 @@ def variant_of(runtime: str, name: str, manifest: dict) -> str | None:
     """Which IR (`fp32` / `int8`) a model runs under an OpenVINO runtime, or None when the
     bundle has no IR for it. int8 falls back to fp32 for a model whose int8 failed its gate;
     bf16 needs a passed bf16 gate (packaging ran on a CPU with bf16)."""
-    info = manifest.get("openvino", {}).get("models", {}).get(name)
-    if not info or "fp32" not in info.get("files", {}):
+    info = _entry(manifest, "openvino", "models", name)
+    if "fp32" not in _entry(info, "files"):
         return None
     if runtime == INT8:
-        return "int8" if info.get("int8", {}).get("passed") else "fp32"
+        return "int8" if _passed(info, "int8") else "fp32"
     if runtime == BF16:
-        return "fp32" if info.get("bf16", {}).get("passed") else None
+        return "fp32" if _passed(info, "bf16") else None
     return "fp32"
 
 
@@ -185,6 +200,41 @@ def choose(requested: str, manifest: dict, names: list[str], capabilities: set[s
     """`auto` -> the fastest runtime available; a named one is kept (load() reports why, if
     it cannot run here)."""
     return available(manifest, names, capabilities)[0] if requested == AUTO else requested
+
+
+_probes: dict[str, Probe] = {}  # per process: the IR's topology hash -> its timing
+
+
+def _time_bf16(bundle: Path, manifest: dict, names: list[str]) -> Probe | None:
+    """`probe_bf16` on the first model that would run fp32 under auto but passed its bf16
+    gate (None when there is none, or the timing fails: fp32 then). Once per process and
+    topology, so every load in a process (packaging's served evaluation, then a service or
+    a test) makes the same choice."""
+    gated = [
+        n for n in names if bf16_passed(n, manifest) and variant_of(INT8, n, manifest) != "int8"
+    ]
+    if not gated:
+        return None
+    xml = bundle / gated[0] / IR_FILES["fp32"]
+    try:
+        key = hashlib.sha256(xml.read_bytes()).hexdigest()
+        if key not in _probes:
+            _probes[key] = probe_bf16(xml)
+    except Exception as exc:  # noqa: BLE001 - fp32 serves; load() itself reports OpenVINO faults
+        logger.info("runtime: bf16 not used: timing it failed (%s)", type(exc).__name__)
+        return None
+    probe = _probes[key]
+    logger.info(
+        "runtime: one image through the %s model took %.1f ms in bf16, %.1f ms in fp32 on "
+        "this CPU: %s",
+        gated[0],
+        probe.bf16_ms,
+        probe.fp32_ms,
+        "bf16 serves the models whose int8 failed and whose bf16 passed its gate"
+        if probe.bf16_faster
+        else f"fp32 serves them (bf16 is used under {BF16_MARGIN:g}x fp32's time)",
+    )
+    return probe
 
 
 def openvino_forward(xml: Path, precision: str) -> Forward:
@@ -221,28 +271,11 @@ def load(
     names = list(manifest["models"])
     capabilities = host_capabilities()
     probe = None
-    # the models that would run fp32 under auto and may run bf16 instead: time that here
-    gated = [
-        n for n in names if bf16_passed(n, manifest) and variant_of(INT8, n, manifest) != "int8"
-    ]
-    if requested == AUTO and gated and "BF16" in capabilities and AMX not in capabilities:
-        try:
-            probe = probe_bf16(bundle / gated[0] / IR_FILES["fp32"])
-        except Exception as exc:  # noqa: BLE001 - no bf16 then; load() reports OpenVINO faults
-            logger.warning("runtime: bf16 not timed (%s); fp32 serves", type(exc).__name__)
-        else:
-            logger.info(
-                "runtime: one image through the %s model took %.1f ms in bf16, %.1f ms in fp32 "
-                "on this CPU: %s",
-                gated[0],
-                probe.bf16_ms,
-                probe.fp32_ms,
-                "bf16 serves the models whose int8 did not pass"
-                if probe.bf16_faster
-                else f"fp32 serves (bf16 is used under {BF16_MARGIN:g}x fp32's time)",
-            )
-            if probe.bf16_faster:
-                capabilities = capabilities | {BF16_FASTER}
+    # auto, bf16 CPU without AMX: time bf16 against fp32 where a model may run either
+    if requested == AUTO and "BF16" in capabilities and AMX not in capabilities:
+        probe = _time_bf16(bundle, manifest, names)
+        if probe is not None and probe.bf16_faster:
+            capabilities = capabilities | {BF16_FASTER}
     runtime = choose(requested, manifest, names, capabilities)
     timings = probe.as_dict() if probe else None
     if runtime == TENSORFLOW:

@@ -158,3 +158,68 @@ def test_calibration_is_a_seeded_train_sample_of_the_models_own_part(demo_cache)
     point = {"threshold": 0.4, "temperature": 1.5}
     data = gate_data(cache, "hand", ["hand"], point, cfg)
     assert np.array_equal(data.calibration, np.asarray(cache.images[rows]))
+
+
+def test_load_runs_each_model_in_the_variant_and_precision_auto_chose(tmp_path, monkeypatch):
+    """runtimes.load on a mixed bundle (int8 passed for two models, bf16 for two others) with
+    OpenVINO faked: what each model is compiled with, under auto on three kinds of CPU and
+    under each named runtime. The real compiles run in tests/service/test_runtimes.py."""
+    from bonefrac import runtimes
+    from bonefrac.runtimes import AMX, Probe, load
+
+    def entry(int8: bool, bf16: bool) -> dict:
+        files = {"fp32": "openvino_fp32.xml"} | ({"int8": "openvino_int8.xml"} if int8 else {})
+        return {"files": files, "int8": {"passed": int8}, "bf16": {"passed": bf16}}
+
+    verdicts = {"body_part": (True, True), "elbow": (True, False), "hand": (False, True)}
+    verdicts["shoulder"] = (False, False)
+    manifest = {
+        "models": dict.fromkeys(verdicts, {}),
+        "openvino": {"models": {n: entry(*v) for n, v in verdicts.items()}},
+    }
+    for name in verdicts:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "openvino_fp32.xml").write_text(f"<net name='{name}'/>")
+    compiled: dict[str, tuple[str, str]] = {}
+
+    def fake_forward(xml, precision):
+        compiled[xml.parent.name] = (xml.name, precision)
+        return lambda images: images
+
+    timed = []
+    monkeypatch.setattr(runtimes, "openvino_forward", fake_forward)
+
+    def run(requested, capabilities, probe=None):
+        compiled.clear()
+        monkeypatch.setattr(runtimes, "host_capabilities", lambda: frozenset(capabilities))
+        monkeypatch.setattr(runtimes, "probe_bf16", lambda xml: timed.append(xml) or probe)
+        monkeypatch.setattr(runtimes, "_probes", {})
+        loaded = load(requested, tmp_path, manifest, lambda: pytest.fail("TensorFlow loaded"))
+        for name, used in loaded.per_model.items():  # the label is what was compiled
+            assert compiled[name][1] == ("bf16" if used == BF16 else "f32"), (name, used)
+        return loaded
+
+    int8, fp32 = ("openvino_int8.xml", "f32"), ("openvino_fp32.xml", "f32")
+    bf16 = ("openvino_fp32.xml", "bf16")
+    plain = {"FP32", "INT8"}
+    loaded = run(AUTO, plain)  # no bf16 on this CPU: failed int8 runs fp32, nothing timed
+    assert loaded.runtime == INT8 and loaded.bf16_probe is None and not timed
+    assert compiled == {"body_part": int8, "elbow": int8, "hand": fp32, "shoulder": fp32}
+    loaded = run(AUTO, plain | {"BF16", AMX})  # AMX: bf16 wins without timing
+    assert compiled["hand"] == bf16 and compiled["shoulder"] == fp32 and not timed
+    assert loaded.per_model == {"body_part": INT8, "elbow": INT8, "hand": BF16, "shoulder": FP32}
+    loaded = run(AUTO, plain | {"BF16"}, Probe(10.0, 5.5))  # timed here: bf16 clearly faster
+    assert timed == [tmp_path / "hand" / "openvino_fp32.xml"]  # the model that may run bf16
+    assert compiled["hand"] == bf16 and loaded.bf16_probe["bf16_faster"] is True
+    loaded = run(AUTO, plain | {"BF16"}, Probe(10.0, 8.5))  # faster, but within the margin
+    assert compiled["hand"] == fp32 and loaded.bf16_probe["bf16_faster"] is False
+    for requested in (INT8, FP32):  # named: the gate's fp32 stands, nothing timed
+        timed.clear()
+        loaded = run(requested, plain | {"BF16"}, Probe(10.0, 1.0))
+        assert compiled["hand"] == fp32 and not timed and loaded.bf16_probe is None
+    assert compiled["body_part"] == fp32  # openvino-fp32: int8 unused too
+    mangled = {"body_part": None, "hand": {"bf16": [], "files": 3, "int8": "yes"}}
+    damaged = {"models": dict.fromkeys(mangled, {}), "openvino": {"models": mangled}}
+    for requested in (AUTO, BF16, INT8, FP32):  # a mangled openvino section: TensorFlow
+        loaded = load(requested, tmp_path, damaged, lambda: dict.fromkeys(mangled))
+        assert loaded.runtime == TENSORFLOW and not timed
