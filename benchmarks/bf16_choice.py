@@ -46,7 +46,9 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             model = build_classifier(1, size, TrainConfig(weights="none"), f"resnet50_{size}")
             xml = Path(tmp) / f"{size}.xml"
-            ov.save_model(ov.convert_model(keras_forward(model, size)[1]), xml)
+            ov.save_model(
+                ov.convert_model(keras_forward(model, size)[1]), xml, compress_to_fp16=False
+            )
             start = time.perf_counter()
             probe = probe_bf16(xml)
             probe_s = time.perf_counter() - start

@@ -109,6 +109,7 @@ def package_champions(
                         f"({', '.join(classes)}); restore data.other_parts or retrain it"
                     )
                 versions[name]["classes"] = classes[:width]
+        model = None  # the models live on in `models` only, for the export to release
         bundle = write_bundle(
             tmp / "bundle",
             settings,  # the bundle-level preprocessing: the OOD gate's, fitted in this run

@@ -202,14 +202,14 @@ def choose(requested: str, manifest: dict, names: list[str], capabilities: set[s
     return available(manifest, names, capabilities)[0] if requested == AUTO else requested
 
 
-_probes: dict[str, Probe] = {}  # per process: the IR's topology hash -> its timing
+_probes: dict[str, Probe] = {}  # per process: sha256 of the IR's .xml -> its timing
 
 
 def _time_bf16(bundle: Path, manifest: dict, names: list[str]) -> Probe | None:
     """`probe_bf16` on the first model that would run fp32 under auto but passed its bf16
     gate (None when there is none, or the timing fails: fp32 then). Once per process and
-    topology, so every load in a process (packaging's served evaluation, then a service or
-    a test) makes the same choice."""
+    exported IR (the same .xml bytes), so every load of a bundle in a process (packaging's
+    served evaluation, then a service or a test) makes the same choice."""
     gated = [
         n for n in names if bf16_passed(n, manifest) and variant_of(INT8, n, manifest) != "int8"
     ]

@@ -213,6 +213,24 @@ def test_load_runs_each_model_in_the_variant_and_precision_auto_chose(tmp_path, 
     assert compiled["hand"] == bf16 and loaded.bf16_probe["bf16_faster"] is True
     loaded = run(AUTO, plain | {"BF16"}, Probe(10.0, 8.5))  # faster, but within the margin
     assert compiled["hand"] == fp32 and loaded.bf16_probe["bf16_faster"] is False
+    timed.clear()  # one timing a process for an IR: a second load reuses it
+    monkeypatch.setattr(runtimes, "probe_bf16", lambda xml: timed.append(xml) or Probe(9, 3))
+    monkeypatch.setattr(runtimes, "_probes", {})
+    for _ in range(2):
+        loaded = load(AUTO, tmp_path, manifest, lambda: pytest.fail("TensorFlow loaded"))
+        assert compiled["hand"] == bf16 and loaded.bf16_probe["bf16_ms"] == 3
+    assert len(timed) == 1
+    (tmp_path / "hand" / "openvino_fp32.xml").write_text("<net name='other'/>")  # another IR
+    load(AUTO, tmp_path, manifest, lambda: pytest.fail("TensorFlow loaded"))
+    assert len(timed) == 2
+
+    def broken(xml):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(runtimes, "probe_bf16", broken)  # a failed timing: fp32, not cached
+    monkeypatch.setattr(runtimes, "_probes", {})
+    loaded = load(AUTO, tmp_path, manifest, lambda: pytest.fail("TensorFlow loaded"))
+    assert compiled["hand"] == fp32 and loaded.bf16_probe is None and not runtimes._probes
     for requested in (INT8, FP32):  # named: the gate's fp32 stands, nothing timed
         timed.clear()
         loaded = run(requested, plain | {"BF16"}, Probe(10.0, 1.0))
