@@ -136,11 +136,6 @@ def _passed(info: dict, variant: str) -> bool:
     return _entry(info, variant).get("passed") is True
 
 
-def bf16_passed(name: str, manifest: dict) -> bool:
-    info = _entry(manifest, "openvino", "models", name)
-    return _passed(info, "bf16") and "fp32" in _entry(info, "files")
-
-
 def probe_bf16(xml: Path, runs: int = 7) -> Probe:
     """Time one fp32 IR at batch 1 on a blank image, compiled for f32 and for bf16, runs
     alternating after a warm-up so a busy moment of the host hits both alike."""
@@ -211,7 +206,9 @@ def _time_bf16(bundle: Path, manifest: dict, names: list[str]) -> Probe | None:
     exported IR (the same .xml bytes), so every load of a bundle in a process (packaging's
     served evaluation, then a service or a test) makes the same choice."""
     gated = [
-        n for n in names if bf16_passed(n, manifest) and variant_of(INT8, n, manifest) != "int8"
+        n
+        for n in names
+        if variant_of(BF16, n, manifest) and variant_of(INT8, n, manifest) != "int8"
     ]
     if not gated:
         return None
@@ -290,9 +287,9 @@ def load(
             if runtime == BF16 and "BF16" not in capabilities:
                 raise RuntimeError("this CPU has no bf16 support")
             used = runtime if variant == "int8" or runtime != INT8 else FP32
-            if used == FP32 and requested == AUTO and bf16_passed(name, manifest):
-                # auto: a model whose int8 failed runs the faster of its gated variants
-                used = BF16 if prefers_bf16(capabilities) else FP32
+            if used == FP32 and requested == AUTO and prefers_bf16(capabilities):
+                # auto: a model whose int8 failed runs bf16 where that passed and is faster
+                used = BF16 if variant_of(BF16, name, manifest) else FP32
             forwards[name] = openvino_forward(
                 bundle / name / IR_FILES[variant], PRECISION_HINT[used]
             )
