@@ -180,6 +180,10 @@ class TrainConfig(_Section):
     head_learning_rate: float = Field(1e-3, gt=0)
     finetune_learning_rate: float = Field(1e-4, gt=0)
     dropout: float = Field(0.3, ge=0, lt=1)
+    # From scratch (weights: none): each residual block's last BatchNorm starts with gamma 0,
+    # so every block starts as the identity and the network as a shallow one (Goyal et al.
+    # 2017; torchvision's zero_init_residual). Pretrained weights replace any initialisation.
+    zero_init_residual: bool = False
     bn_momentum: float = Field(0.99, gt=0, lt=1)
     # Best epoch, early stopping and learning-rate drops follow the validation loss ("loss",
     # the MURA baseline's choice) or the model's metric ("metric": AUC for a fracture

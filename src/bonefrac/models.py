@@ -62,6 +62,9 @@ def build_classifier(n_outputs: int, image_size: int, cfg: TrainConfig, name: st
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = cfg.bn_momentum
+    if weights is None and cfg.zero_init_residual:
+        for layer in residual_branch_ends(backbone):
+            layer.gamma.assign(keras.ops.zeros_like(layer.gamma))
     # Pretrained BatchNorm statistics are kept (inference mode); from scratch they must learn.
     x = backbone(x, training=False if weights is not None else None)
     x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
@@ -70,6 +73,18 @@ def build_classifier(n_outputs: int, image_size: int, cfg: TrainConfig, name: st
     model = keras.Model(inputs, outputs, name=name)
     model.backbone_pretrained = weights is not None
     return model
+
+
+def residual_branch_ends(backbone) -> list:
+    """The BatchNorm closing each residual block's branch, just before the block's add: 16 in
+    a ResNet50, `conv{stage}_block{n}_3_bn` in Keras' names (the shortcut's is `_0_bn`)."""
+    import keras
+
+    return [
+        layer
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.name.endswith("_3_bn")
+    ]
 
 
 def backbone_of(model):

@@ -94,6 +94,7 @@ def test_default_recipe_is_the_documented_one(project_root):
     quick = load_settings(project_root / "params.yaml", profile="quick", env={}).train
     assert (quick.monitor, quick.lr_factor, quick.rotation_degrees) == ("metric", 0.3, 14.4)
     assert (quick.patience, quick.lr_patience, quick.finetune_layers) == (10, 5, "all")
+    assert quick.zero_init_residual and not recipe.zero_init_residual  # from scratch only
     # 0 is how older params files wrote "every layer"
     assert TrainConfig(finetune_layers=0).finetune_layers == "all"
     assert TrainConfig(finetune_layers=10).finetune_layers == 10
@@ -123,13 +124,13 @@ def test_flat_view_and_section_hash(project_root):
 
 def test_the_body_part_model_trains_with_its_own_values(project_root):
     """train.body_part applies to the body-part model alone; the fracture models keep the
-    section's values (the quick profile: the body part stops early, fractures get 30 epochs)."""
+    section's values (the quick profile: the body part stops early, fractures get 20 epochs)."""
     from bonefrac.models import BODY_PART_MODEL
 
     quick = load_settings(project_root / "params.yaml", profile="quick", env={}).train
     body_part, hand = quick.for_model(BODY_PART_MODEL), quick.for_model("XR_HAND")
-    assert hand is quick and (hand.finetune_epochs, hand.patience) == (30, 10)
-    assert (body_part.finetune_epochs, body_part.patience, body_part.lr_patience) == (8, 3, 2)
+    assert hand is quick and (hand.finetune_epochs, hand.patience) == (20, 10)
+    assert (body_part.finetune_epochs, body_part.patience, body_part.lr_patience) == (5, 3, 2)
     # everything not named keeps the section's value, and the override does not nest
     assert body_part.batch_size == quick.batch_size and body_part.body_part == {}
     full = load_settings(project_root / "params.yaml", env={}).train
@@ -141,7 +142,7 @@ def test_the_body_part_model_trains_with_its_own_values(project_root):
         overrides={"train": {"finetune_epochs": 0}},
         env={},
     ).train
-    assert tuned.finetune_epochs == 0 and tuned.for_model(BODY_PART_MODEL).finetune_epochs == 8
+    assert tuned.finetune_epochs == 0 and tuned.for_model(BODY_PART_MODEL).finetune_epochs == 5
     # `body_part:` with nothing under it (YAML null) is no override
     from bonefrac.config import TrainConfig
 

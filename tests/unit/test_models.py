@@ -28,6 +28,54 @@ def test_weights_setting_is_checked_in_one_line(tmp_path):
         resolve_weights(str(tmp_path / "weights.bin"))
 
 
+def test_zero_init_residual_starts_every_block_as_its_shortcut(tmp_path):
+    """train.zero_init_residual: from scratch, the BatchNorm closing each of ResNet50's 16
+    residual branches starts with gamma 0, so the branches' convolutions cannot change the
+    output yet; off, or with pretrained weights, every gamma is what it was."""
+    import keras
+
+    from bonefrac.models import backbone_of, build_classifier, residual_branch_ends
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+
+    def gammas(model) -> dict[str, float]:
+        return {
+            layer.name: float(np.abs(layer.gamma.numpy()).max())
+            for layer in backbone_of(model).layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
+
+    def branch_conv_ignored(model) -> bool:
+        """Does the output stay put when a residual branch's convolutions change?"""
+        before = np.asarray(model(x, training=False))
+        backbone = backbone_of(model)
+        for name in ("conv2_block2_2_conv", "conv3_block1_1_conv", "conv5_block3_3_conv"):
+            kernel = backbone.get_layer(name).kernel
+            kernel.assign(kernel.numpy() * 3.0 + 0.05)
+        return np.array_equal(before, np.asarray(model(x, training=False)))
+
+    zero = build_classifier(1, 32, TrainConfig(weights="none", zero_init_residual=True), "z")
+    ends = {layer.name for layer in residual_branch_ends(backbone_of(zero))}
+    assert len(ends) == 3 + 4 + 6 + 3  # one per residual block
+    zeroed = {name for name, value in gammas(zero).items() if value == 0.0}
+    assert zeroed == ends and all(v == 1.0 for n, v in gammas(zero).items() if n not in ends)
+    assert branch_conv_ignored(zero)
+
+    plain = build_classifier(1, 32, TrainConfig(weights="none"), "plain")
+    assert set(gammas(plain).values()) == {1.0} and not branch_conv_ignored(plain)
+
+    # pretrained weights replace any initialisation: a file's gammas are kept
+    source = keras.applications.ResNet50(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
+    )
+    for layer in residual_branch_ends(source):
+        layer.gamma.assign(np.full(layer.gamma.shape, 0.5, np.float32))
+    path = tmp_path / "resnet50_notop.weights.h5"
+    source.save_weights(path)
+    loaded = build_classifier(1, 32, TrainConfig(weights=str(path), zero_init_residual=True), "f")
+    assert {gammas(loaded)[name] for name in ends} == {0.5}
+
+
 @pytest.mark.slow
 def test_local_weights_file_for_air_gapped_sites(tmp_path):
     """A hospital without internet points train.weights at a local file (here: made by us)."""
