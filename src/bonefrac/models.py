@@ -8,6 +8,7 @@ normalises them itself, so training and serving feed exactly the arrays
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bonefrac.config import BODY_PART_MODEL as BODY_PART_MODEL  # re-exported
 from bonefrac.config import TrainConfig
@@ -73,6 +74,26 @@ def build_classifier(n_outputs: int, image_size: int, cfg: TrainConfig, name: st
     model = keras.Model(inputs, outputs, name=name)
     model.backbone_pretrained = weights is not None
     return model
+
+
+_TRAINED: dict[tuple, Any] = {}
+
+
+def load_trained(path: Path):
+    """A trained model file (`artifacts/models/<name>/model.keras`), loaded once per process
+    while the file stays the same: the evaluate and register stages read the same files one
+    after the other, and each ResNet50 load and forward trace costs seconds. A new training
+    replaces the files (new inode and time), which loads them afresh."""
+    import keras
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if key not in _TRAINED:
+        for old in [k for k in _TRAINED if k[0] == key[0]]:
+            del _TRAINED[old]  # an earlier version of this file
+        _TRAINED[key] = keras.models.load_model(path, compile=False)
+    return _TRAINED[key]
 
 
 def residual_branch_ends(backbone) -> list:

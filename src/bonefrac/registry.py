@@ -196,11 +196,11 @@ def register(settings: Settings) -> list[Decision]:
     """Decide, per model, whether the latest trained model should become champion, then
     register it with the decision on its version. Aliases are not moved here: `promote` does
     that once everything downstream (packaging) has succeeded."""
-    import keras
     import mlflow
 
     from bonefrac import tracking
     from bonefrac.cache import load_cache
+    from bonefrac.models import load_trained
     from bonefrac.tracking import read_runs
     from bonefrac.train import model_names
 
@@ -218,7 +218,7 @@ def register(settings: Settings) -> list[Decision]:
         reg_name = registered_name(name, settings)
         multiclass = name == BODY_PART_MODEL
         point = {} if multiclass else results[name]
-        model = keras.models.load_model(layout.models / name / "model.keras", compile=False)
+        model = load_trained(layout.models / name / "model.keras")  # as evaluate loaded it
         challenger = _scored(settings, cache, name, model, preprocess, point)
         found = current_champion(client, reg_name)
         champion = _champion_input(settings, client, cache, name, found) if found else None

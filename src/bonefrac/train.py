@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -166,6 +167,8 @@ class TrainResult:
     phases: list[dict] = field(default_factory=list)
     steps: int = 0  # training steps this process ran, all phases
     rows_read: list[int] = field(default_factory=list)  # multi_worker: this worker's train rows
+    # the saved inference model, in memory, when fit_model was asked to keep it
+    model: Any = field(default=None, repr=False, compare=False)
 
 
 # AUC and accuracy cannot exceed 1; float32 metrics land within this of it
@@ -273,11 +276,13 @@ def fit_model(
     out_dir: Path,
     log_to_mlflow: bool = False,
     callbacks: list | None = None,
+    keep_model: bool = False,
 ) -> TrainResult:
     """Train one model (two phases), keep the best weights, save `out_dir/model.keras`.
 
     `callbacks`: extra Keras callbacks, given to every phase's `fit` (each phase is one fit
-    call, so `on_train_begin`/`on_train_end` mark the phase boundaries)."""
+    call, so `on_train_begin`/`on_train_end` mark the phase boundaries). `keep_model`: the
+    result carries the saved model too (`result.model`), so the caller need not load it."""
     import keras
     import tensorflow as tf
 
@@ -397,7 +402,8 @@ def fit_model(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.keras"
-    inference_model(model).save(model_path)
+    served = inference_model(model)
+    served.save(model_path)
     keras.mixed_precision.set_global_policy("float32")
     meta = {
         "name": name,
@@ -427,15 +433,15 @@ def fit_model(
         phases=phase_log,
         steps=steps.count,
         rows_read=sorted(set(rows_read)),
+        model=served if keep_model else None,
     )
 
 
-def _log_model(model_path: Path, cache: Cache, requirements: list[str]) -> str:
-    import keras
+def _log_model(model, cache: Cache, requirements: list[str]) -> str:
+    """Log the trained model (as fit_model saved it) to the active run; returns its URI."""
     import mlflow
     from mlflow.models import infer_signature
 
-    model = keras.models.load_model(model_path)
     sample = cache.rgb(np.arange(min(2, len(cache.index)))).astype(np.float32)
     signature = infer_signature(sample, np.asarray(model(sample, training=False)))
     info = mlflow.keras.log_model(
@@ -523,11 +529,12 @@ def train_one(settings: Settings, name: str, parent_run_id: str) -> TrainResult:
     with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params(params)
         tracking.log_data_input(settings, "training", cache.meta.get("key"))
-        result = fit_model(cache, name, parts, cfg, folder, log_to_mlflow=True)
+        result = fit_model(cache, name, parts, cfg, folder, log_to_mlflow=True, keep_model=True)
         result.run_id = run.info.run_id
         _log_training_artifacts(result, folder)
         if settings.tracking.log_models:
-            result.model_uri = _log_model(result.model_path, cache, tracking.pinned_requirements())
+            result.model_uri = _log_model(result.model, cache, tracking.pinned_requirements())
+        result.model = None  # the result may cross processes (Dask, processes task runner)
     return result
 
 

@@ -69,9 +69,9 @@ def predict(model, images: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray
 
 
 def _load(models_dir: Path, name: str):
-    import keras
+    from bonefrac.models import load_trained
 
-    return keras.models.load_model(models_dir / name / "model.keras")
+    return load_trained(models_dir / name / "model.keras")
 
 
 def _frame(cache: Cache, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
