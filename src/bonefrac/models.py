@@ -7,6 +7,8 @@ normalises them itself, so training and serving feed exactly the arrays
 
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,25 @@ def resolve_weights(weights: str) -> str | Path | None:
     if not path.name.endswith((".h5", ".keras")):
         raise UserError(f"weights file {path} must be a .h5 or .keras file")
     return path
+
+
+@contextlib.contextmanager
+def own_seed_draws(seed: int):
+    """Keras seeds every unseeded initializer (each of ResNet50's convolutions, the head) and
+    the global seed generator from Python's process-wide `random` as layers are made. Any
+    other thread drawing from it meanwhile (Prefect's and MLflow's background workers run
+    during a pipeline) shifts every later layer's weights, so a seeded training could start
+    from different weights from one run to the next. Inside this block Keras draws from a
+    generator of its own, seeded with `seed`: the draws an undisturbed process makes after
+    `keras.utils.set_random_seed(seed)`, whatever other threads do."""
+    from keras.src.random import seed_generator  # Keras 3.15: where make_default_seed draws
+
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
 
 
 def build_classifier(n_outputs: int, image_size: int, cfg: TrainConfig, name: str):

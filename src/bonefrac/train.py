@@ -286,7 +286,13 @@ def fit_model(
     import keras
     import tensorflow as tf
 
-    from bonefrac.models import build_classifier, compile_model, make_strategy, set_phase
+    from bonefrac.models import (
+        build_classifier,
+        compile_model,
+        make_strategy,
+        own_seed_draws,
+        set_phase,
+    )
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -332,7 +338,7 @@ def fit_model(
     monitor = f"val_{monitor_metric}" if val_ds is not None else "loss"
     mode = "min" if monitor.endswith("loss") else "max"
 
-    with strategy.scope():
+    with strategy.scope(), own_seed_draws(cfg.seed):  # the same weights whatever threads do
         model = build_classifier(n_outputs, cache.image_size, cfg, name=f"bonefrac_{name}")
 
     history: dict[str, list[float]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,6 +27,49 @@ def test_weights_setting_is_checked_in_one_line(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(UserError, match=r"\.h5 or \.keras"):
         resolve_weights(str(tmp_path / "weights.bin"))
+
+
+def test_a_seeded_model_starts_from_the_same_weights_whatever_other_threads_draw():
+    """Keras seeds each unseeded initializer from Python's shared `random` while a model is
+    built; Prefect's and MLflow's threads draw from it during a pipeline. A thread drawing
+    meanwhile must not change the weights a seeded training starts from (two demo runs
+    trained one model differently from its first epoch before this)."""
+    import random
+    import threading
+
+    import keras
+
+    from bonefrac.models import build_classifier, own_seed_draws
+
+    cfg = TrainConfig(weights="none", zero_init_residual=True, seed=7)
+
+    def weights(protected: bool, disturbed: bool) -> list[np.ndarray]:
+        keras.utils.set_random_seed(cfg.seed)
+        stop = threading.Event()
+
+        def draw():
+            while not stop.is_set():
+                random.random()
+
+        other = threading.Thread(target=draw, daemon=True)
+        if disturbed:
+            other.start()
+        try:
+            with own_seed_draws(cfg.seed) if protected else contextlib.nullcontext():
+                model = build_classifier(1, 32, cfg, "seeded")
+        finally:
+            stop.set()
+            if disturbed:
+                other.join()
+        return [w.numpy() for w in model.weights]
+
+    def same(a, b) -> bool:
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    quiet = weights(protected=False, disturbed=False)
+    assert not same(quiet, weights(protected=False, disturbed=True))  # the hazard is real
+    assert same(quiet, weights(protected=True, disturbed=True))  # and gone: same draws
+    assert same(quiet, weights(protected=True, disturbed=False))
 
 
 def test_zero_init_residual_starts_every_block_as_its_shortcut(tmp_path):
