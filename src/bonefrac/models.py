@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,21 @@ def own_seed_draws(seed: int):
     during a pipeline) shifts every later layer's weights, so a seeded training could start
     from different weights from one run to the next. Inside this block Keras draws from a
     generator of its own, seeded with `seed`: the draws an undisturbed process makes after
-    `keras.utils.set_random_seed(seed)`, whatever other threads do."""
+    `keras.utils.set_random_seed(seed)`, whatever other threads do. One block at a time in a
+    process (the threads task runner builds models in parallel threads): the swap is
+    process-wide, so a second block waits for the first to put `random` back."""
     from keras.src.random import seed_generator  # Keras 3.15: where make_default_seed draws
 
-    shared = seed_generator.python_random
-    seed_generator.python_random = random.Random(seed)
-    try:
-        yield
-    finally:
-        seed_generator.python_random = shared
+    with _SEED_DRAWS:
+        shared = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = shared
+
+
+_SEED_DRAWS = threading.Lock()
 
 
 def build_classifier(n_outputs: int, image_size: int, cfg: TrainConfig, name: str):
@@ -115,6 +122,11 @@ def load_trained(path: Path):
             del _TRAINED[old]  # an earlier version of this file
         _TRAINED[key] = keras.models.load_model(path, compile=False)
     return _TRAINED[key]
+
+
+def forget_trained() -> None:
+    """Release what `load_trained` holds (the register stage, its last reader, calls this)."""
+    _TRAINED.clear()
 
 
 def residual_branch_ends(backbone) -> list:

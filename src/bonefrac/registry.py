@@ -200,7 +200,7 @@ def register(settings: Settings) -> list[Decision]:
 
     from bonefrac import tracking
     from bonefrac.cache import load_cache
-    from bonefrac.models import load_trained
+    from bonefrac.models import forget_trained, load_trained
     from bonefrac.tracking import read_runs
     from bonefrac.train import model_names
 
@@ -224,6 +224,7 @@ def register(settings: Settings) -> list[Decision]:
         champion = _champion_input(settings, client, cache, name, found) if found else None
         decision = decide_for(settings, name, reg_name, challenger, champion)
         decisions.append((name, reg_name, point, decision))
+    forget_trained()  # the last stage to read the model files
 
     registered = []
     for name, reg_name, point, decision in decisions:

@@ -66,10 +66,29 @@ def test_a_seeded_model_starts_from_the_same_weights_whatever_other_threads_draw
     def same(a, b) -> bool:
         return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
-    quiet = weights(protected=False, disturbed=False)
+    # the reference is protected too: other tests' Prefect and MLflow threads may live on
+    quiet = weights(protected=True, disturbed=False)
     assert not same(quiet, weights(protected=False, disturbed=True))  # the hazard is real
-    assert same(quiet, weights(protected=True, disturbed=True))  # and gone: same draws
-    assert same(quiet, weights(protected=True, disturbed=False))
+    assert same(quiet, weights(protected=True, disturbed=True))  # and gone
+
+    # two trainings building at once (the threads task runner): each gets its seed's weights,
+    # and Keras draws from the shared `random` again afterwards
+    from keras.src.random import seed_generator
+
+    built: dict[int, list[np.ndarray]] = {}
+
+    def build(seed: int) -> None:
+        with own_seed_draws(seed):
+            model = build_classifier(1, 32, cfg.model_copy(update={"seed": seed}), f"t{seed}")
+        built[seed] = [w.numpy() for w in model.weights]
+
+    threads = [threading.Thread(target=build, args=(seed,)) for seed in (7, 8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert same(built[7], quiet) and not same(built[8], quiet)
+    assert seed_generator.python_random is random
 
 
 def test_zero_init_residual_starts_every_block_as_its_shortcut(tmp_path):
