@@ -125,7 +125,7 @@ def train_models(settings: Settings, parent_run_id: str) -> list:
     thread pool, four ResNet50s at once)."""
     from prefect.context import get_run_context
 
-    from bonefrac.train import model_names, tag_run
+    from bonefrac.train import TRACED, model_names, tag_run
 
     runner = get_run_context().task_runner
     tag_run(settings, parent_run_id, {"bonefrac.task_runner": runner_label(runner)})
@@ -144,6 +144,8 @@ def train_models(settings: Settings, parent_run_id: str) -> list:
             "(allowed-failures; pipeline.dask_allowed_failures for the local cluster): "
             f"check the workers' memory and logs. Dask: {error}"
         ) from error
+    finally:
+        TRACED.clear()  # the kept traced models (threads runner: this process) are done with
 
 
 def runner_label(runner) -> str:

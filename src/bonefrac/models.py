@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bonefrac.config import BODY_PART_MODEL as BODY_PART_MODEL  # re-exported
 from bonefrac.config import TrainConfig
 from bonefrac.errors import UserError
@@ -63,6 +65,38 @@ def own_seed_draws(seed: int):
 
 
 _SEED_DRAWS = threading.Lock()
+
+
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed(seed)`, without emptying TensorFlow's kernel cache when
+    its global seed already is `seed`.
+
+    TensorFlow's `set_seed` clears that cache (`context._set_global_seed`), which throws away
+    the instantiation of every traced function: a training step kept for the next model
+    (`train._TracedModels`) would then be instantiated and optimised by Grappler again, ~5 s
+    a ResNet50 at 64 px on 2 cores. With the seed unchanged, this does the rest of what
+    `set_random_seed` does: Python's, NumPy's and Keras' seeds, and TensorFlow's op-seed
+    generator started again from the seed (Keras 3.15, TensorFlow 2.21 internals; any other
+    layout falls back to the full reset). Not reset: the position of a stateful random
+    kernel already run eagerly (the cache clear restarts those). Training has none: Keras
+    draws from stateless ops seeded by its SeedGenerators, tf.data from explicit seeds
+    (tests/unit/test_train_reuse.py compares the weights)."""
+    import keras
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    if getattr(ctx, "_seed", None) != seed or not hasattr(ctx, "_rng"):
+        keras.utils.set_random_seed(seed)
+        return
+    from keras.src.backend.common import global_state
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+
+    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
+    ctx._rng = random.Random(seed)  # the op seeds of ops made without one, as set_seed does
 
 
 def build_classifier(n_outputs: int, image_size: int, cfg: TrainConfig, name: str):

@@ -254,18 +254,120 @@ class _StepCounter:
         return Callback()
 
 
-def inference_model(model):
+def inference_model(model, name: str | None = None):
     """The trained network without optimizer state (a third of the file size): what the
-    registry and the service need.
+    registry and the service need; `name` renames it (a reused traced model carries the name
+    of the model it was first built for).
 
     Rebuilt from its config, not `keras.models.clone_model`: in Keras 3 a clone of a
     compiled model is compiled too, and saving it writes Adam's two moment copies of every
     weight (283 MB instead of 95 MB per ResNet50, five copies per model per pipeline run)."""
     import keras
 
-    clone = keras.Model.from_config(model.get_config())
+    config = model.get_config()
+    if name is not None:
+        config = {**config, "name": name}
+    clone = keras.Model.from_config(config)
     clone.set_weights(model.get_weights())
     return clone
+
+
+class _TracedModels:
+    """Compiled models whose training and validation steps TensorFlow has already traced,
+    kept for the next model of the same shape in this process.
+
+    A ResNet50's first epoch costs ~16 s more than its later ones at 64 px on 2 cores: the
+    Python trace of the training step (Adam's update alone creates ~4,000 graph ops), the
+    validation step's trace, then Grappler's optimisation of both. The three fracture models
+    share one architecture, so the second and third would pay it again for the same graph.
+    Instead a phase takes a kept model compiled with the same architecture, trainable weights
+    and optimizer settings, gives it the new model's state (every variable, random seed states
+    included) and the optimizer's state as it was just after compiling (zero moments, step 0,
+    the phase's learning rate), and fits that: the same computation as a fresh model, without
+    the trace (tests/unit/test_train_reuse.py checks the weights are identical).
+
+    A model is kept only after its fit finished (a failed one is dropped), one per shape and
+    `KEEP` shapes at most (a ResNet50 with Adam's moments holds ~300 MB), and taken out while
+    in use, so parallel trainings never share one. `train.strategy: default` only: a
+    distribution strategy's variables belong to that strategy object."""
+
+    KEEP = 2  # the body part's shape and the fracture models' one
+
+    def __init__(self) -> None:
+        import threading
+
+        self._kept: dict[str, tuple[Any, list[np.ndarray]]] = {}  # oldest first
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(model, n_outputs: int, learning_rate: float, cfg: TrainConfig) -> str | None:
+        if cfg.strategy != "default":
+            return None
+        import re
+
+        def plain(value):  # Keras numbers repeated auto-names: input_layer_1, seed_generator_2
+            if isinstance(value, str):
+                return re.sub(r"_\d+(?=$|/)", "", value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [plain(v) for v in value]
+            return value
+
+        config = {k: v for k, v in model.get_config().items() if k != "name"}
+        return json.dumps(
+            plain(
+                {
+                    "config": config,
+                    "variables": [(v.path, v.shape, str(v.dtype)) for v in model.variables],
+                    "trainable": [v.path for v in model.trainable_variables],
+                }
+            )
+            | {
+                "pretrained": getattr(model, "backbone_pretrained", None),
+                "compile": [n_outputs, learning_rate, str(cfg.jit_compile)],
+            },
+            sort_keys=True,
+            default=str,
+        )
+
+    def compiled(self, model, n_outputs: int, learning_rate: float, cfg: TrainConfig):
+        """`model`, compiled for a phase (call after `set_phase`, under the strategy's scope):
+        a kept traced model given `model`'s state when one fits, else `model` compiled."""
+        from bonefrac.models import compile_model
+
+        key = self.key(model, n_outputs, learning_rate, cfg)
+        with self._lock:
+            kept = self._kept.pop(key, None) if key is not None else None
+        if kept is None:
+            compile_model(model, n_outputs, learning_rate, cfg.jit_compile)
+            model._bonefrac_reuse = (key, [v.numpy() for v in model.optimizer.variables])
+            return model
+        traced, optimizer_start = kept
+        for target, source in zip(traced.variables, model.variables, strict=True):
+            target.assign(source)
+        for variable, value in zip(traced.optimizer.variables, optimizer_start, strict=True):
+            variable.assign(value)
+        traced.backbone_pretrained = getattr(model, "backbone_pretrained", True)
+        traced._bonefrac_reuse = (key, optimizer_start)
+        return traced
+
+    def keep(self, model) -> None:
+        """`model`'s fit finished: keep it for the next model of its shape."""
+        key, optimizer_start = getattr(model, "_bonefrac_reuse", (None, None))
+        if key is not None:
+            with self._lock:
+                self._kept.pop(key, None)
+                self._kept[key] = (model, optimizer_start)
+                while len(self._kept) > self.KEEP:
+                    del self._kept[next(iter(self._kept))]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+
+
+TRACED = _TracedModels()
 
 
 def fit_model(
@@ -277,12 +379,14 @@ def fit_model(
     log_to_mlflow: bool = False,
     callbacks: list | None = None,
     keep_model: bool = False,
+    reuse: bool = True,
 ) -> TrainResult:
     """Train one model (two phases), keep the best weights, save `out_dir/model.keras`.
 
     `callbacks`: extra Keras callbacks, given to every phase's `fit` (each phase is one fit
     call, so `on_train_begin`/`on_train_end` mark the phase boundaries). `keep_model`: the
-    result carries the saved model too (`result.model`), so the caller need not load it."""
+    result carries the saved model too (`result.model`), so the caller need not load it.
+    `reuse`: fit on a kept model already traced for this shape (`_TracedModels`)."""
     import keras
     import tensorflow as tf
 
@@ -292,9 +396,10 @@ def fit_model(
         make_strategy,
         own_seed_draws,
         set_phase,
+        set_random_seed,
     )
 
-    keras.utils.set_random_seed(cfg.seed)
+    set_random_seed(cfg.seed)  # keras.utils', keeping traced steps' kernels when it can
     if cfg.deterministic:
         # process-wide and one-way: this process's later TF work is deterministic too
         tf.config.experimental.enable_op_determinism()
@@ -352,12 +457,16 @@ def fit_model(
     images_seen = 0
     phase_log: list[dict] = []
     steps = _StepCounter.make()
+    used: list = []  # the compiled model of each phase that ran
     for phase, epochs, learning_rate in phases:
         if epochs <= 0 or best.ceiling_epoch is not None:
             continue
         set_phase(model, phase, cfg)
         with strategy.scope():
-            compile_model(model, n_outputs, learning_rate, cfg.jit_compile)
+            model = TRACED.compiled(model, n_outputs, learning_rate, cfg) if reuse else model
+            if not reuse:
+                compile_model(model, n_outputs, learning_rate, cfg.jit_compile)
+        used.append(model)
         phase_callbacks = [
             best,
             keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
@@ -408,7 +517,9 @@ def fit_model(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.keras"
-    served = inference_model(model)
+    served = inference_model(model, name=f"bonefrac_{name}")
+    for fitted_model in used:
+        TRACED.keep(fitted_model)
     served.save(model_path)
     keras.mixed_precision.set_global_policy("float32")
     meta = {
@@ -637,6 +748,8 @@ def run_train_stage(
         shutil.rmtree(staging_dir(settings, parent_run_id), ignore_errors=True)
         mark_run(settings, parent_run_id, "FAILED")
         raise
+    finally:
+        TRACED.clear()
     if own_parent:
         mark_run(settings, parent_run_id, "FINISHED")
     if role is not None:
