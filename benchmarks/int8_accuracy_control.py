@@ -117,7 +117,7 @@ def main() -> None:
 
         row = {"n_val": len(data.validation), "n_control": len(control)}
         start = time.perf_counter()
-        plain = quantize_int8(fp32.clone(), data.calibration, cfg.seed)
+        plain = quantize_int8(fp32.clone(), data.calibration, cfg)
         row["plain_quantize_s"] = time.perf_counter() - start
         start = time.perf_counter()
         controlled = nncf.quantize_with_accuracy_control(

@@ -340,6 +340,9 @@ class PackageConfig(_Section):
     gate_max_flip_rate: float = Field(0.01, ge=0, le=1)  # decisions changed at the threshold
     gate_max_delta_auroc: float = Field(0.005, ge=0)
     gate_max_delta_kappa: float = Field(0.01, ge=0)  # study kappa (body part: image kappa)
+    # NNCF's bias correction after quantizing: "fast" (its default) or "none". On the quick
+    # profile's SYNTHETIC 64 px models "fast" made int8 worse (docs/benchmarks.md)
+    bias_correction: Literal["fast", "none"] = "fast"
     seed: int = 42
 
 

@@ -128,8 +128,8 @@ def damaged(tmp_path_factory, tiny_bundle, gate_data, quick_settings) -> Path:
     """int8 calibrated on blank images: activation ranges of nothing, so real images clip."""
     from bonefrac.optimize import add_to_bundle, quantize_int8
 
-    def blank_calibration(model, calibration, seed):
-        return quantize_int8(model, np.zeros_like(calibration), seed)
+    def blank_calibration(model, calibration, cfg):
+        return quantize_int8(model, np.zeros_like(calibration), cfg)
 
     out = tmp_path_factory.mktemp("damaged") / "bundle"
     shutil.copytree(tiny_bundle, out)
@@ -353,3 +353,39 @@ def test_packaging_records_the_test_split_through_the_served_runtime(
     assert manifest["served_evaluation"] == json.loads(json.dumps(served))
     assert served["runtime"]["name"] in ("openvino-int8", "tensorflow")
     assert served["image"]["n"] == len(images)
+
+
+def test_bias_correction_setting_reaches_nncf(tiny_bundle, gate_data, quick_settings):
+    """package.bias_correction: "none" leaves every convolution's and dense layer's bias as
+    the fp32 IR has it; "fast" (NNCF's default) corrects some of them."""
+    import keras
+    import openvino as ov
+
+    from bonefrac.optimize import keras_forward, quantize_int8
+
+    # hand: on this tiny CNN NNCF corrects the head's bias (on elbow and body part, none)
+    model = keras.models.load_model(tiny_bundle / "hand" / "model.keras", compile=False)
+    fp32 = ov.convert_model(keras_forward(model, SIZE)[1])
+
+    def biases(ov_model) -> dict[str, np.ndarray]:
+        """The constant operand of each Add that follows a convolution or MatMul."""
+        out = {}
+        for op in ov_model.get_ordered_ops():
+            if op.get_type_name() != "Add":
+                continue
+            inputs = [op.input_value(i).get_node() for i in range(2)]
+            consts = [n for n in inputs if n.get_type_name() == "Constant"]
+            if consts and any(n.get_type_name() in ("Convolution", "MatMul") for n in inputs):
+                out[op.get_friendly_name()] = consts[0].get_data().copy()
+        return out
+
+    reference = biases(fp32)
+    assert len(reference) >= 4  # three convolutions and the head
+    changed = {}
+    for mode in ("none", "fast"):
+        cfg = quick_settings.package.model_copy(update={"bias_correction": mode})
+        int8 = biases(quantize_int8(fp32.clone(), gate_data["hand"].calibration, cfg))
+        assert int8.keys() == reference.keys()
+        changed[mode] = [k for k in reference if not np.array_equal(int8[k], reference[k])]
+    assert changed["none"] == []
+    assert changed["fast"]
