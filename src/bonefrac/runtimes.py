@@ -254,6 +254,9 @@ def openvino_forward(xml: Path, precision: str) -> Forward:
         result = request.infer([np.asarray(images, dtype=np.float32)])
         return np.array(result[compiled.output(0)])  # a copy: the request reuses its buffer
 
+    shape = compiled.output(0).get_partial_shape()
+    if shape.rank.is_static and shape[-1].is_static:
+        forward.output_width = shape[-1].get_length()  # the body part's class count
     return forward
 
 

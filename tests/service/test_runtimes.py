@@ -389,3 +389,44 @@ def test_bias_correction_setting_reaches_nncf(tiny_bundle, gate_data, quick_sett
         changed[mode] = [k for k in reference if not np.array_equal(int8[k], reference[k])]
     assert changed["none"] == []
     assert changed["fast"]
+
+
+def test_under_openvino_keras_models_load_only_for_grad_cam(optimized, valid_pngs):
+    """Under OpenVINO the Keras files are read only when Grad-CAM needs one: the body part's
+    never (a ResNet50 load is 1-2 s at every service start and packaging's served
+    evaluation)."""
+    from bonefrac.serving.predictor import Predictor
+
+    predictor = Predictor.from_bundle(optimized, warm_up=False, runtime="openvino-fp32")
+    assert predictor.runtime_info["name"] == "openvino-fp32"
+    assert predictor._keras.loaded == {}
+    upload = valid_pngs["hand"][0].read_bytes()
+    plain = predictor.predict_bytes(upload, allow_ood=True, body_part="hand")
+    assert plain["fracture"]["model"] == "hand" and predictor._keras.loaded == {}
+    predictor.predict_batch([np.zeros((SIZE, SIZE, 3), np.uint8)] * 2, allow_ood=True)
+    assert predictor._keras.loaded == {}
+    # Grad-CAM asks for its part's model (these tiny CNNs have no ResNet50 backbone for
+    # Grad-CAM itself; test_predictor explains with the ResNet50 bundle)
+    hand = predictor._keras["hand"]
+    assert list(predictor._keras.loaded) == ["hand"] and predictor._keras["hand"] is hand
+    assert hand.name == "hand" and "body_part" in predictor._keras
+
+
+def test_a_bundle_whose_classes_do_not_match_its_body_part_ir_is_refused_at_load(
+    optimized, tmp_path
+):
+    """The width check reads the served model: under OpenVINO the compiled IR's output."""
+    from bonefrac.bundle import BUNDLE_FILE
+    from bonefrac.bundle_integrity import write_manifest
+    from bonefrac.errors import DataError
+    from bonefrac.inference import OTHER
+    from bonefrac.serving.predictor import Predictor
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(optimized, bundle)
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    manifest["models"]["body_part"]["classes"] = [*PARTS, OTHER]
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(bundle)
+    with pytest.raises(DataError, match="has 3 outputs but names 4 classes"):
+        Predictor.from_bundle(bundle, warm_up=False, runtime="openvino-fp32")

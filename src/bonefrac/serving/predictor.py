@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,38 @@ MAX_STUDY_IMAGES = 8
 VERSION_KEYS = ("run_id", "version", "registered_name")  # what identifies a model in responses
 
 
+class KerasModels(Mapping):
+    """The bundle's Keras models by name, each loaded from its file when first asked for: the
+    TensorFlow runtime needs them all, Grad-CAM the fracture models, and under OpenVINO the
+    body part's is never needed (a ResNet50 load takes 1-2 s). Safe from several threads."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        import threading
+
+        self.files = files
+        self.loaded: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str):
+        if name not in self.files:
+            raise KeyError(name)
+        with self._lock:
+            if name not in self.loaded:
+                import keras
+
+                self.loaded[name] = keras.models.load_model(self.files[name], compile=False)
+            return self.loaded[name]
+
+    def __contains__(self, name) -> bool:  # Mapping's would load the model
+        return name in self.files
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
 def _keras_forwards(models: dict[str, Any], manifest: dict) -> dict[str, Callable]:
     inputs = model_inputs(manifest)
     return {
@@ -121,17 +153,20 @@ class Predictor:
         missing = [c for c in self.classes if c != OTHER and c not in models]
         if missing:
             raise DataError(f"the bundle has no fracture model for {', '.join(missing)}")
-        shape = getattr(models.get(BODY_PART_MODEL), "output_shape", None)  # None: a stand-in
-        width = len(self.classes) if shape is None else int(shape[-1])
+        self._keras = models  # Grad-CAM always runs on these (Keras fp32)
+        if loaded is None:  # the Keras models themselves
+            forward = _keras_forwards(models, manifest)
+            loaded = Loaded(TENSORFLOW, forward, dict.fromkeys(models, TENSORFLOW))
+        # the served body-part model's width: the compiled IR's, else the Keras model's
+        width = getattr(loaded.forwards.get(BODY_PART_MODEL), "output_width", None)
+        if width is None:
+            shape = getattr(models.get(BODY_PART_MODEL), "output_shape", None)  # None: stand-in
+            width = len(self.classes) if shape is None else int(shape[-1])
         if width != len(self.classes):  # else every request fails in the response's zip
             raise DataError(
                 f"the bundle's body-part model has {width} outputs but names "
                 f"{len(self.classes)} classes ({', '.join(self.classes)})"
             )
-        self._keras = models  # Grad-CAM always runs on these (Keras fp32)
-        if loaded is None:  # the Keras models themselves
-            forward = _keras_forwards(models, manifest)
-            loaded = Loaded(TENSORFLOW, forward, dict.fromkeys(models, TENSORFLOW))
         self.runtime = loaded
         single = len(self.input_configs) == 1
         forward = {n: viewed(f, self.input_keys[n], single) for n, f in loaded.forwards.items()}
@@ -170,17 +205,14 @@ class Predictor:
         """Load a bundle folder (see `bonefrac.bundle`). `source` names it in responses (the
         BentoML tag); `warm_up` traces every graph now, so no request pays for it; `runtime`
         (default `serve.runtime`) picks what scores requests (see `bonefrac.runtimes`)."""
-        import keras
-
         path = Path(path)
         manifest = read_bundle(path)
         names = [BODY_PART_MODEL, *manifest["parts"]]
-        models = {}
         for name in names:
             file = path / name / MODEL_FILE
             if not file.is_file():
                 raise DataError(f"{file} not found: package the models again")
-            models[name] = keras.models.load_model(file, compile=False)
+        models = KerasModels({name: path / name / MODEL_FILE for name in names})
         serve = serve or ServeConfig()
         loaded = runtimes.load(
             runtime or serve.runtime, path, manifest, lambda: _keras_forwards(models, manifest)
